@@ -1,0 +1,40 @@
+"""Helpers shared by the benchmark scripts: JSON output with the machine it ran on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--json", type=Path, help="write the figures here as JSON")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def machine() -> dict[str, Any]:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write(figures: dict[str, Any], path: Path | None, name: str) -> None:
+    out = {"benchmark": name, "command": "python -m " + name + " " + " ".join(sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "figures": figures}
+    text = json.dumps(out, indent=1, default=float)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")

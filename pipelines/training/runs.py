@@ -1,0 +1,242 @@
+"""Run folders shared by every training and distillation script.
+
+A run lives in one folder::
+
+    runs/<name>/
+        config.json          the dataclass config the run was started with
+        metrics.jsonl        one JSON object per logged step
+        status.json          {"state": "running"|"finished"|"failed", "step", "total", ...}
+        samples/step_000100.png
+        checkpoints/step_000100.pt   plain dict of state dicts + config + RNG state
+        log.txt              what the script printed (written by the run manager)
+
+Checkpoints are written to a temporary file and renamed, so a run killed mid-write still has its
+previous checkpoint, and :func:`RunFolder.latest_checkpoint` never returns a half-written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import time
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+ConfigT = TypeVar("ConfigT")
+
+__all__ = [
+    "RunFolder",
+    "parse_config",
+    "config_to_dict",
+    "capture_rng_state",
+    "restore_rng_state",
+    "seed_everything",
+]
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as a JSON-serialisable dict."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def _field_parser(tp: Any):
+    """argparse ``type=`` for a dataclass field annotation (str, int, float, bool, Optional[...])."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _field_parser(args[0])
+        return lambda s: None if s.lower() in ("none", "null", "") else inner(s)
+    if tp is bool:
+        def to_bool(s: str) -> bool:
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+        return to_bool
+    if tp in (int, float, str):
+        return tp
+    if origin in (tuple, list):
+        (elem,) = set(typing.get_args(tp)) - {Ellipsis} or {str}
+        conv = _field_parser(elem)
+        return lambda s: origin(conv(x) for x in s.split(",") if x)
+    return str
+
+
+def parse_config(cls: type[ConfigT], argv: list[str] | None = None, description: str = "") -> ConfigT:
+    """Build a dataclass config from ``--field value`` command-line overrides.
+
+    Every field of ``cls`` becomes an option (``--lr 1e-4``, ``--out_dir runs/x``); fields keep
+    their defaults otherwise. Unknown options are an error, as argparse makes them.
+    """
+    parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        default = field.default
+        if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        parser.add_argument(
+            f"--{field.name}", type=_field_parser(hints[field.name]), default=default,
+            help=f"(default: {default})",
+        )
+    args = parser.parse_args(argv)
+    return cls(**vars(args))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states, as a checkpoint stores them."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_python_state(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _as_python_state(s: Any) -> tuple:
+    # torch.load(weights_only=True) returns lists where random.getstate() had tuples.
+    version, internal, gauss = s
+    return (version, tuple(internal), gauss)
+
+
+class RunFolder:
+    """One training run's folder: config, metrics, samples, checkpoints, status."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    # -- creation / discovery -------------------------------------------------------------
+    def create(self, config: Any, *, resume: bool) -> bool:
+        """Prepare the folder for ``config``; returns True when an earlier run is resumed.
+
+        A folder that already holds a different config is refused unless ``resume`` is set and
+        the configs agree on everything but the step budget, so two different runs never share a
+        folder by accident.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "checkpoints").mkdir(exist_ok=True)
+        (self.path / "samples").mkdir(exist_ok=True)
+        new = config_to_dict(config)
+        cfg_file = self.path / "config.json"
+        if cfg_file.exists():
+            old = json.loads(cfg_file.read_text())
+            if not resume and self.latest_checkpoint() is not None:
+                raise FileExistsError(
+                    f"{self.path} already holds a run with checkpoints; pass --resume true to "
+                    "continue it or choose another --out_dir"
+                )
+            ignore = {"total_steps", "resume", "out_dir"}
+            diff = {k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k)}
+            if resume and diff:
+                raise ValueError(
+                    f"cannot resume {self.path}: its config differs in {sorted(diff)}; "
+                    "start a new run folder instead"
+                )
+        self._write_json(cfg_file, new)
+        return resume and self.latest_checkpoint() is not None
+
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.path / "config.json").read_text())
+
+    # -- metrics and status ---------------------------------------------------------------
+    def log_metrics(self, step: int, **values: float) -> None:
+        row = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in values.items()}}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict[str, float]]:
+        file = self.path / "metrics.jsonl"
+        if not file.exists():
+            return []
+        rows = []
+        for line in file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+        return rows
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric rows past ``after_step`` (those of steps a resumed run will redo)."""
+        rows = [r for r in self.metrics() if r["step"] <= after_step]
+        tmp = self.path / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.path / "metrics.jsonl")
+
+    def set_status(self, state: str, **extra: Any) -> None:
+        self._write_json(self.path / "status.json", {"state": state, "time": time.time(), **extra})
+
+    def status(self) -> dict[str, Any]:
+        file = self.path / "status.json"
+        if not file.exists():
+            return {"state": "new"}
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError:
+            return {"state": "unknown"}
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
+        """Write ``state`` atomically as ``checkpoints/step_XXXXXXX.pt``; keep the newest ``keep``."""
+        final = self.path / "checkpoints" / f"step_{step:07d}.pt"
+        tmp = final.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, final)
+        for old in self.checkpoints()[:-keep]:
+            old.unlink(missing_ok=True)
+        return final
+
+    def checkpoints(self) -> list[Path]:
+        return sorted((self.path / "checkpoints").glob("step_*.pt"))
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = self.checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def load_checkpoint(self, path: Path | None = None) -> dict[str, Any]:
+        path = path or self.latest_checkpoint()
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint in {self.path / 'checkpoints'}")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or corrupted file
+            raise ValueError(f"checkpoint {path} is truncated or corrupted ({exc}); delete it to "
+                             "resume from the one before") from exc
+
+    # -- samples --------------------------------------------------------------------------
+    def sample_path(self, step: int) -> Path:
+        return self.path / "samples" / f"step_{step:07d}.png"
+
+    def latest_sample(self) -> Path | None:
+        samples = sorted((self.path / "samples").glob("step_*.png"))
+        return samples[-1] if samples else None
+
+    @staticmethod
+    def _write_json(path: Path, obj: Any) -> None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+        os.replace(tmp, path)

@@ -1,0 +1,37 @@
+"""Builds the studio's Blocks: one tab per task, a shared model registry, one GPU queue."""
+
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from studio.registry import ModelRegistry, default_registry
+from studio.tabs import portrait_world
+
+__all__ = ["build_app", "GPU_QUEUE", "on_spaces"]
+
+# Heavy events of every tab share this concurrency id, so one GPU (or the CPU) serves them one
+# at a time instead of thrashing; light events (validation, UI updates) run beside them.
+GPU_QUEUE = "gpu"
+
+INTRO = """# Distillation Studio
+Fast, distilled image generation and GAN editing — every model here was trained by the studio's
+own pipelines on its embedded portrait world, and the same tabs load hub models when you have them."""
+
+
+def on_spaces() -> bool:
+    """True when running on Hugging Face Spaces (it sets SPACE_ID)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def build_app(*, device: str | None = None, registry: ModelRegistry | None = None) -> gr.Blocks:
+    """The studio's Blocks. ``device``: "auto"/None (CUDA, then MPS, then CPU), "cuda", "cpu", ..."""
+    registry = registry or default_registry(device)
+    with gr.Blocks(title="Distillation Studio", analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        gr.Markdown(f"<small>Device: **{registry.device}** · precision: **{str(registry.dtype).removeprefix('torch.')}**</small>")
+        with gr.Tabs():
+            portrait_world.build(registry, demo)
+    demo.registry = registry  # for tests and for app.py's start-up message
+    return demo
