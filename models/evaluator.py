@@ -23,21 +23,16 @@ class EvaluatorOutput:
     features: torch.Tensor            # [B, feature_dim], the vector FD-world is computed on
 
 
-class _ConvBlock(nn.Module):
-    """Two 3x3 convolutions with GroupNorm + SiLU, then 2x average-pool downsampling."""
+class _Stage(nn.Module):
+    """3x3 convolution, GroupNorm, SiLU, then 2x average-pool downsampling."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int = 8) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm1 = nn.GroupNorm(min(groups, out_channels), out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(min(groups, out_channels), out_channels)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm = nn.GroupNorm(min(groups, out_channels), out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.norm1(self.conv1(x)))
-        h = self.norm2(self.conv2(h))
-        return F.avg_pool2d(F.silu(h + self.skip(x)), 2)
+        return F.avg_pool2d(F.silu(self.norm(self.conv(x))), 2)
 
 
 class AttributeEvaluator(nn.Module):
@@ -46,12 +41,12 @@ class AttributeEvaluator(nn.Module):
     Args:
         attributes: ordered (name, number of values) pairs, one classification head each.
         resolution: side in pixels the network sees; other sizes are resized (antialiased) first.
-        width: channels of the first stage; stages double it up to ``8 * width``.
+        width: channels of the stride-2 stem; the three stages double it up to ``8 * width``.
         feature_dim: size of the feature vector (FD-world is computed on it).
     """
 
     def __init__(self, attributes: list[tuple[str, int]] | tuple[tuple[str, int], ...],
-                 resolution: int = 64, width: int = 32, feature_dim: int = 256) -> None:
+                 resolution: int = 64, width: int = 16, feature_dim: int = 256) -> None:
         super().__init__()
         if resolution < 16 or resolution & (resolution - 1):
             raise ValueError(f"resolution must be a power of two >= 16, got {resolution}")
@@ -59,14 +54,13 @@ class AttributeEvaluator(nn.Module):
                             "width": width, "feature_dim": feature_dim}
         self.attribute_names = [name for name, _ in attributes]
         self.resolution = resolution
-        chans = [width, width * 2, width * 4, width * 8]
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
-        blocks, c_in = [], width
-        for c in chans:  # 64 -> 32 -> 16 -> 8 -> 4
-            blocks.append(_ConvBlock(c_in, c))
-            c_in = c
-        self.blocks = nn.Sequential(*blocks)
-        self.to_features = nn.Sequential(nn.Flatten(), nn.Linear(c_in * 2 * 2, feature_dim), nn.SiLU())
+        # 64 px: stem -> 32, stages -> 16 -> 8 -> 4; the 4x4 map is flattened, not pooled, so the
+        # features keep *where* things are (glasses over the eyes, a hat above the hair).
+        self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(_Stage(width, 2 * width), _Stage(2 * width, 4 * width),
+                                    _Stage(4 * width, 8 * width))
+        side = resolution // 16
+        self.to_features = nn.Sequential(nn.Flatten(), nn.Linear(8 * width * side * side, feature_dim), nn.SiLU())
         self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, n) for name, n in attributes})
         self.outlier_head = nn.Linear(feature_dim, 1)
 
@@ -77,7 +71,6 @@ class AttributeEvaluator(nn.Module):
             images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
                                    antialias=True, align_corners=False)
         h = self.blocks(F.silu(self.stem(images)))              # [B, 8w, res/16, res/16]
-        h = F.adaptive_avg_pool2d(h, 2)                          # [B, 8w, 2, 2]
         features = self.to_features(h)                           # [B, feature_dim]
         logits = {name: head(features) for name, head in self.heads.items()}
         return EvaluatorOutput(logits, self.outlier_head(features).squeeze(1), features)

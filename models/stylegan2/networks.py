@@ -8,6 +8,8 @@ floating-point operations follow NVlabs/stylegan2-ada-pytorch, so an official ``
 loads one to one (``load_state_dict(strict=True)``) and reproduces the official outputs.
 
 Half precision (``num_fp16_res``) is used only on CUDA; elsewhere those blocks run in float32.
+On CUDA, float32 parity (~1e-5) needs TF32 off (``torch.backends.cudnn.allow_tf32 = False``,
+``torch.backends.cuda.matmul.allow_tf32 = False``); with TF32 on, outputs differ by ~1e-2.
 This module does no file I/O; see ``pipelines/stylegan_io.py`` for loading and saving.
 """
 
@@ -51,10 +53,15 @@ NOISE_MODES = ("random", "const", "none")
 
 def _assert_shape(x: torch.Tensor, shape: list[int | None], name: str) -> None:
     """Check ``x.shape`` against ``shape`` (``None`` matches any size)."""
-    ok = x.ndim == len(shape) and all(s is None or int(d) == s for d, s in zip(x.shape, shape))
+    ok = (
+        isinstance(x, torch.Tensor)
+        and x.ndim == len(shape)
+        and all(s is None or int(d) == s for d, s in zip(x.shape, shape))
+    )
     if not ok:
         expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name}: expected shape {expected}, got {list(x.shape)}")
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected shape {expected}, got {got}")
 
 
 def _half_precision(use_fp16: bool, force_fp32: bool, device: torch.device) -> bool:

@@ -108,7 +108,8 @@ def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> to
 # ---------------------------------------------------------------------------------------------
 
 
-def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    """An int or ``[x, y]`` -> ``(x, y)``."""
     if isinstance(value, int):
         return value, value
     sx, sy = value
@@ -189,8 +190,8 @@ def upfirdn2d(
     if f is None:
         f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
     assert f.ndim in (1, 2)
-    upx, upy = _pair(up, "up")
-    downx, downy = _pair(down, "down")
+    upx, upy = _pair(up)
+    downx, downy = _pair(down)
     px0, px1, py0, py1 = _padding4(padding)
     n, c, h, w = x.shape
 
@@ -235,7 +236,7 @@ def upsample2d(
     gain: float = 1,
 ) -> torch.Tensor:
     """Upsample by ``up`` with an FIR filter; the output is exactly ``up`` times larger."""
-    upx, upy = _pair(up, "up")
+    upx, upy = _pair(up)
     px0, px1, py0, py1 = _padding4(padding)
     fw, fh = _filter_size(f)
     pad = [
@@ -257,7 +258,7 @@ def downsample2d(
     gain: float = 1,
 ) -> torch.Tensor:
     """Downsample by ``down`` with an FIR (anti-aliasing) filter."""
-    downx, downy = _pair(down, "down")
+    downx, downy = _pair(down)
     px0, px1, py0, py1 = _padding4(padding)
     fw, fh = _filter_size(f)
     pad = [

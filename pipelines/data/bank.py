@@ -7,6 +7,7 @@ to an ``.npz`` file so a resumed run sees the same images.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -24,7 +25,8 @@ class ImageBank:
     labels: torch.Tensor      # [N, num_attributes] int64, -1 for outliers
     is_outlier: torch.Tensor  # [N] bool
     captions: list[str]
-    seeds: np.ndarray         # [N] int64, the render seed of each image
+    seeds: np.ndarray         # [N] int64, the dataset index of each image (dataset seeded with meta["seed"])
+    meta: dict | None = None  # how it was rendered: size, seed, split, outlier_rate
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -34,19 +36,28 @@ class ImageBank:
         x = self.images[index].to(device, non_blocking=True)
         return x.float().div_(127.5).sub_(1.0)
 
+    def subset(self, index: slice | torch.Tensor) -> "ImageBank":
+        if isinstance(index, slice):
+            caps = self.captions[index]
+        else:
+            caps = [self.captions[int(i)] for i in index]
+        return ImageBank(self.images[index], self.labels[index], self.is_outlier[index], caps,
+                         self.seeds[index.numpy() if isinstance(index, torch.Tensor) else index], self.meta)
+
     def save(self, path: str | os.PathLike[str]) -> None:
         tmp = Path(str(path) + ".tmp.npz")
         np.savez(tmp, images=self.images.numpy(), labels=self.labels.numpy(),
                  is_outlier=self.is_outlier.numpy(), captions=np.array(self.captions),
-                 seeds=self.seeds)
+                 seeds=self.seeds, meta=np.array(json.dumps(self.meta or {})))
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "ImageBank":
         with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"])) if "meta" in z else {}
             return cls(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
                        torch.from_numpy(z["is_outlier"]), [str(c) for c in z["captions"]],
-                       z["seeds"])
+                       z["seeds"], meta)
 
 
 def _render_chunk(args: tuple[int, int, int, str, float, int]) -> tuple:
@@ -57,12 +68,19 @@ def _render_chunk(args: tuple[int, int, int, str, float, int]) -> tuple:
     if outlier_rate > 0:
         from pipelines.data.outliers import OutlierImages
         outliers = OutlierImages()
-    ds = PortraitDataset(size=size, length=stop, seed=seed, split=split,
+    from pipelines.data.portrait_world import PortraitWorld
+
+    # the world renders 64-512 px; smaller banks (tiny test runs) are area-downsampled from 64 px
+    render_size = max(size, PortraitWorld.MIN_SIZE)
+    ds = PortraitDataset(size=render_size, length=stop, seed=seed, split=split,
                          outlier_rate=outlier_rate, outliers=outliers)
     imgs, labels, flags, caps = [], [], [], []
     for i in range(start, stop):
         item = ds[i]
-        imgs.append(((item["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        img = item["image"]
+        if render_size != size:
+            img = torch.nn.functional.interpolate(img[None], size=(size, size), mode="area")[0]
+        imgs.append(((img + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         labels.append(item["labels"])
         flags.append(bool(item["is_outlier"]))
         caps.append(item["caption"])
@@ -74,14 +92,16 @@ def render_bank(n: int, *, size: int, seed: int = 0, split: str = "train",
                 cache: str | os.PathLike[str] | None = None) -> ImageBank:
     """Render ``n`` dataset items (``PortraitDataset(seed=seed)[0:n]``) in ``workers`` processes.
 
-    With ``cache``, a bank saved there earlier with the same arguments is loaded instead.
+    With ``cache``, a bank saved there earlier with the same arguments is loaded instead (a bank
+    rendered with more images and otherwise the same arguments serves its first ``n``).
     """
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
+    meta = {"size": size, "seed": seed, "split": split, "outlier_rate": outlier_rate}
     if cache is not None and Path(cache).exists():
         bank = ImageBank.load(cache)
-        if len(bank) == n and bank.images.shape[-1] == size:
-            return bank
+        if bank.meta == meta and len(bank) >= n:
+            return bank.subset(slice(0, n)) if len(bank) > n else bank
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     bounds = np.linspace(0, n, min(workers * 4, n) + 1).astype(int)
     jobs = [(int(a), int(b), size, split, outlier_rate, seed) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
@@ -95,7 +115,8 @@ def render_bank(n: int, *, size: int, seed: int = 0, split: str = "train",
         labels=torch.cat([p[1] for p in parts]),
         is_outlier=torch.tensor([f for p in parts for f in p[2]], dtype=torch.bool),
         captions=[c for p in parts for c in p[3]],
-        seeds=np.arange(n, dtype=np.int64) + seed,
+        seeds=np.arange(n, dtype=np.int64),
+        meta=meta,
     )
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)

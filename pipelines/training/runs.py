@@ -100,7 +100,7 @@ def capture_rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states, as a checkpoint stores them."""
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -110,11 +110,17 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_as_python_state(state["python"]))
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _numpy_state() -> tuple:
+    # as plain Python / torch types, so torch.load(weights_only=True) reads it back
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
 
 
 def _as_python_state(s: Any) -> tuple:
@@ -149,7 +155,7 @@ class RunFolder:
                     f"{self.path} already holds a run with checkpoints; pass --resume true to "
                     "continue it or choose another --out_dir"
                 )
-            ignore = {"total_steps", "resume", "out_dir"}
+            ignore = {"total_steps", "steps", "total_kimg", "resume", "out_dir", "export_to", "device", "workers"}
             diff = {k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k)}
             if resume and diff:
                 raise ValueError(

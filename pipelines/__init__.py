@@ -1,0 +1,1 @@
+"""Inference and training pipelines, data (the portrait world) and evaluation; no gradio here."""

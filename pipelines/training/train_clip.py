@@ -1,0 +1,402 @@
+"""Train the embedded CLIP (PortraitCLIP) contrastively on portrait-world renders and captions.
+
+    python -m pipelines.training.train_clip --out_dir runs/clip --steps 3000 --export_to assets/clip
+
+Reads top to bottom: config -> run folder -> data (an image bank, and for every image a pool of
+pre-tokenized captions in fresh phrasings) -> open_clip model from the registered config ->
+resume -> loop -> checkpoints -> zero-shot evaluation on held-out renders -> export (fp16
+safetensors + ``open_clip_config.json`` + card), loadable with
+``open_clip.create_model_and_transforms(name, pretrained=<folder>/open_clip_model.safetensors)``.
+
+The loss is CLIP's symmetric InfoNCE with a learnable temperature (Radford et al. 2021, fig. 3).
+Because the world knows which attributes every caption mentions, ``multi_positive`` counts every
+image a caption describes correctly as a positive of that caption (the image-text-label contrast
+of UniCL, Yang et al. 2022) instead of treating it as a negative; short captions such as "an anime
+girl with glasses" then teach rather than confuse.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from pipelines.cards import write_card
+from pipelines.clip_models import (EMBEDDED_NAME, PROMPT_TEMPLATES, load_clip, prepare_images,
+                                   save_clip, value_phrases, zero_shot_accuracy)
+from pipelines.data.bank import ImageBank, render_bank
+from pipelines.data.portrait_world import ATTRIBUTES, PortraitAttributes, PortraitWorld, caption_attributes
+from pipelines.device import select_device
+from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config,
+                                     restore_rng_state, seed_everything)
+
+Progress = Callable[[int, int, object], None]
+
+
+@dataclass
+class ClipTrainConfig:
+    """Training configuration of the embedded CLIP."""
+    out_dir: str = "runs/clip"
+    model: str = EMBEDDED_NAME      # a registered open_clip config (pipelines/clip_configs/)
+    train_images: int = 60000       # rendered training images (train split)
+    val_images: int = 4000          # rendered held-out images (held-out attribute combinations)
+    world_captions: int = 4         # captions per image in the world's own varied phrasings
+    prompt_captions: int = 2        # captions per image naming 1-3 of its attributes ("... with glasses")
+    multi_positive: bool = True     # every image a caption describes counts as its positive (UniCL)
+    steps: int = 3000               # optimiser steps (the most, when time_budget_s is set)
+    time_budget_s: float = 0.0      # > 0: stop after this many seconds of training; the LR schedule
+                                    # follows whichever of steps / time runs out first
+    batch: int = 256
+    lr: float = 1e-3                # AdamW peak learning rate (linear warm-up, cosine decay)
+    warmup: int = 200               # warm-up steps
+    weight_decay: float = 0.1       # on weight matrices only
+    grad_clip: float = 1.0          # max global gradient norm (0: off)
+    augment: bool = True            # small shifts/zoom, flips, blur, noise; never a colour change
+    bf16: bool = True               # bf16 autocast on CUDA (the CPU always runs fp32)
+    checkpoint_every: int = 500
+    log_every: int = 50
+    eval_every: int = 500           # zero-shot accuracy on eval_images held-out renders (0: only at the end)
+    eval_images: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2                # render / tokenizer processes
+    resume: bool = False
+    export_to: str = ""             # also write the final model (with card) here, e.g. assets/clip
+
+    def validate(self) -> None:
+        if self.steps <= 0 or self.batch <= 1:
+            raise ValueError("steps must be positive and batch at least 2")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.world_captions < 1 or self.prompt_captions < 0:
+            raise ValueError("world_captions must be >= 1 and prompt_captions >= 0")
+        if self.train_images < self.batch:
+            raise ValueError(f"train_images ({self.train_images}) must be at least batch ({self.batch})")
+        if open_clip.get_model_config(self.model) is None:
+            raise ValueError(f"unknown open_clip config {self.model!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# captions: a pool of pre-tokenized captions per image, with the attributes each one mentions
+# --------------------------------------------------------------------------------------------
+
+def prompt_caption(attributes: PortraitAttributes, rng: np.random.Generator) -> tuple[str, dict[str, str]]:
+    """A short caption naming 1-3 random attributes of the portrait, in the zero-shot phrasing."""
+    values = attributes.to_dict()
+    names = list(ATTRIBUTES)
+    chosen = [names[i] for i in rng.choice(len(names), size=int(rng.integers(1, 4)), replace=False)]
+    phrases = []
+    for name in chosen:
+        options = value_phrases(name, values[name])
+        phrases.append(options[int(rng.integers(len(options)))])
+    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    template = PROMPT_TEMPLATES[int(rng.integers(len(PROMPT_TEMPLATES)))]
+    return template.format(text), {n: values[n] for n in chosen}
+
+
+def _caption_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray, int]:
+    """Tokens [n, K, context] and mentioned values [n, K, A] (-1: not mentioned) of a slice."""
+    model_name, labels, seeds, n_world, n_prompt = args
+    world, tokenizer = PortraitWorld(), open_clip.get_tokenizer(model_name)
+    names = list(ATTRIBUTES)
+    texts, mentions = [], np.full((len(labels), n_world + n_prompt, len(names)), -1, dtype=np.int8)
+    for i, (row, seed) in enumerate(zip(labels, seeds)):
+        attrs = PortraitAttributes.from_indices([int(v) for v in row])
+        for k in range(n_world + n_prompt):
+            rng = np.random.default_rng([int(seed), 100 + k])
+            if k < n_world:
+                text = world.caption(attrs, rng)
+                named = caption_attributes(text)
+            else:
+                text, named = prompt_caption(attrs, rng)
+            texts.append(text)
+            for name, value in named.items():
+                mentions[i, k, names.index(name)] = ATTRIBUTES[name].index(value)
+    tokens = tokenizer(texts)                                    # [n * K, context]
+    full = int((tokens[:, -1] != 0).sum())                       # no padding left: maybe truncated
+    return tokens.numpy().astype(np.int32).reshape(len(labels), -1, tokens.shape[-1]), mentions, full
+
+
+def build_caption_pool(bank: ImageBank, config: ClipTrainConfig, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every bank image, ``world_captions + prompt_captions`` captions: tokens [N, K, context]
+    int32 and mentioned attribute values [N, K, A] int8. Cached to ``cache`` for resumed runs."""
+    if cache.exists():
+        with np.load(cache) as z:
+            if z["tokens"].shape[:2] == (len(bank), config.world_captions + config.prompt_captions):
+                return torch.from_numpy(z["tokens"]), torch.from_numpy(z["mentions"])
+    labels, seeds = bank.labels.numpy(), bank.seeds
+    if (labels < 0).any():
+        raise ValueError("the caption pool needs a bank without outliers")
+    workers = max(1, config.workers)
+    bounds = np.linspace(0, len(bank), min(workers * 4, len(bank)) + 1).astype(int)
+    jobs = [(config.model, labels[a:b], seeds[a:b], config.world_captions, config.prompt_captions)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if workers == 1:
+        parts = [_caption_chunk(j) for j in jobs]
+    else:
+        with get_context("spawn" if torch.cuda.is_initialized() else "fork").Pool(workers) as pool:
+            parts = pool.map(_caption_chunk, jobs)
+    tokens = np.concatenate([p[0] for p in parts])
+    mentions = np.concatenate([p[1] for p in parts])
+    full = sum(p[2] for p in parts)
+    if full:
+        print(f"warning: {full} of {tokens.shape[0] * tokens.shape[1]} captions fill the whole context "
+              f"({tokens.shape[-1]} tokens) and may have been truncated", flush=True)
+    tmp = cache.with_name(cache.name + ".tmp.npz")
+    np.savez(tmp, tokens=tokens, mentions=mentions)
+    tmp.replace(cache)
+    return torch.from_numpy(tokens), torch.from_numpy(mentions)
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation and loss
+# --------------------------------------------------------------------------------------------
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Label-preserving changes that keep colours (colours are labels): a per-image shift of up to
+    1/16 of the side and zoom of +-6 %, horizontal flips, Gaussian blur on half the images and a
+    little pixel noise. x: [B, 3, H, W] in [-1, 1]; all random numbers come from ``generator``,
+    which lives on x's device."""
+    b, dev = x.shape[0], x.device
+    rand = lambda *shape: torch.rand(shape, generator=generator, device=dev)  # noqa: E731
+    # 1. affine resampling: zoom, shift, flip (border padding repeats the background)
+    zoom = 1 + (rand(b) - 0.5) * 0.12
+    flip = torch.where(rand(b) < 0.5, -1.0, 1.0)
+    shift = (rand(b, 2) - 0.5) * (2 / 16) * 2          # in normalised [-1, 1] units
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0] = flip / zoom
+    theta[:, 1, 1] = 1 / zoom
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # 2. separable Gaussian blur (sigma up to 1 px) on half of the batch
+    sigma = (rand(b) * 1.0).clamp_min(1e-3) * (rand(b) < 0.5)
+    k = torch.arange(-2, 3, device=dev, dtype=x.dtype)
+    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)      # [B*3, 5]
+    xb = x.reshape(1, b * 3, *x.shape[-2:])
+    xb = F.conv2d(F.pad(xb, (2, 2, 0, 0), mode="replicate"), kern[:, None, None, :], groups=b * 3)
+    xb = F.conv2d(F.pad(xb, (0, 0, 2, 2), mode="replicate"), kern[:, None, :, None], groups=b * 3)
+    x = xb.reshape_as(x)
+    # 3. pixel noise
+    noise = torch.randn(x.shape, generator=generator, device=dev) * rand(b, 1, 1, 1) * 0.04
+    return (x + noise).clamp(-1, 1)
+
+
+def positives(labels: torch.Tensor, mentions: torch.Tensor) -> torch.Tensor:
+    """[B_img, B_txt] bool: caption j describes image i (every attribute it mentions matches).
+
+    labels: [B, A] value indices; mentions: [B, A] value indices, -1 where not mentioned."""
+    m = mentions[None].long()                                           # [1, B, A]
+    return ((m < 0) | (m == labels[:, None].long())).all(-1)            # [B, B]
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                     match: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of unit features [B, D] (CLIP, Radford et al. 2021).
+
+    ``match`` [B, B] bool marks extra positive pairs; the target of each row is then uniform over
+    its positives (the diagonal is always one), as in UniCL (Yang et al. 2022)."""
+    logits = logit_scale * image_features.float() @ text_features.float().T   # [B_img, B_txt]
+    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    target = (eye if match is None else match | eye).float()
+    loss_i = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    loss_t = -(target.T / target.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+    return (loss_i + loss_t) / 2
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+
+def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
+    """Run (or resume) a training run; returns the folder of the exported model."""
+    # 1. config and run folder
+    config.validate()
+    run = RunFolder(config.out_dir)
+    resuming = run.create(config, resume=config.resume)
+    seed_everything(config.seed)
+    device = select_device(config.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    resolution = open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
+
+    # 2. data (rendered before CUDA starts, so the worker processes can fork)
+    t0 = time.time()
+    train_bank = render_bank(config.train_images, size=resolution, seed=config.seed, split="train",
+                             workers=config.workers, cache=run.path / "train_bank.npz")
+    val_bank = render_bank(config.val_images, size=resolution, seed=config.seed + 10_000_000,
+                           split="heldout", workers=config.workers, cache=run.path / "val_bank.npz")
+    t1 = time.time()
+    tokens, mentions = build_caption_pool(train_bank, config, run.path / "captions.npz")
+    print(f"rendered {len(train_bank)} + {len(val_bank)} images in {t1 - t0:.1f}s; "
+          f"{tokens.shape[0] * tokens.shape[1]} captions tokenized in {time.time() - t1:.1f}s", flush=True)
+    images = train_bank.images.to(device)        # [N, 3, H, W] uint8, held on the device
+    labels = train_bank.labels.to(device)        # [N, A]
+    tokens = tokens.to(device)                   # [N, K, context] int32
+    mentions = mentions.to(device)               # [N, K, A] int8
+    n_captions = tokens.shape[1]
+    eval_idx = torch.arange(min(config.eval_images, len(val_bank)))
+
+    # 3. network and optimiser
+    use_bf16 = config.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    model = open_clip.create_model(config.model, device=device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(config.seed)  # batches and augmentation
+    step, trained_s = 0, 0.0
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {config.model}: {n_params / 1e6:.2f}M parameters on {device}"
+          f"{' (bf16 autocast)' if use_bf16 else ''}", flush=True)
+
+    # 4. resume
+    if resuming:
+        ckpt = run.load_checkpoint()
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["data_rng"])
+        restore_rng_state(ckpt["rng"])
+        step, trained_s = int(ckpt["step"]), float(ckpt["trained_s"])
+        run.truncate_metrics(step)
+        print(f"resumed from step {step}", flush=True)
+
+    def schedule_progress(s: int, seconds: float) -> float:
+        done = s / config.steps
+        if config.time_budget_s > 0:
+            done = max(done, seconds / config.time_budget_s)
+        return min(done, 1.0)
+
+    def lr_at(s: int, seconds: float) -> float:
+        warm = min(1.0, (s + 1) / max(1, config.warmup))
+        return config.lr * warm * 0.5 * (1 + math.cos(math.pi * schedule_progress(s, seconds)))
+
+    def checkpoint(s: int) -> None:
+        run.save_checkpoint(s, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "data_rng": gen.get_state(),
+                                "rng": capture_rng_state(), "step": s, "trained_s": trained_s,
+                                "config": config_to_dict(config)})
+
+    tokenizer = open_clip.get_tokenizer(config.model)
+
+    def evaluate(idx: torch.Tensor) -> dict[str, float]:
+        return zero_shot_accuracy(model, tokenizer, val_bank.images[idx], val_bank.labels[idx])
+
+    # 5. loop
+    run.set_status("running", step=step, total=config.steps)
+    model.train()
+    t_last, steps_since = time.time(), 0
+    while step < config.steps and schedule_progress(step, trained_s) < 1.0:
+        t_step = time.time()
+        # drawn on the device: no host-device synchronisation inside a step
+        idx = torch.randint(0, len(train_bank), (config.batch,), generator=gen, device=device)
+        k = torch.randint(0, n_captions, (config.batch,), generator=gen, device=device)
+        x = images[idx].float().div_(127.5).sub_(1.0)                   # [B, 3, H, W] in [-1, 1]
+        if config.augment:
+            x = augment(x, gen)
+        text = tokens[idx, k].long()                                    # [B, context]
+        match = positives(labels[idx], mentions[idx, k]) if config.multi_positive else None
+        lr = lr_at(step, trained_s)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            img_f = model.encode_image(prepare_images(model, x), normalize=True)   # [B, D]
+            txt_f = model.encode_text(text, normalize=True)                       # [B, D]
+        loss = contrastive_loss(img_f, txt_f, model.logit_scale.exp(), match)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        steps_since += 1
+        if step % config.log_every == 0 or step == config.steps:
+            loss_value = loss.item()  # synchronises the device, so the timing below is real
+            dt = time.time() - t_last
+            run.log_metrics(step, loss=loss_value, lr=lr, logit_scale=model.logit_scale.exp().item(),
+                            steps_per_s=steps_since / dt, images_per_s=steps_since * config.batch / dt)
+            print(f"step {step}/{config.steps} loss {loss_value:.4f} scale {model.logit_scale.exp().item():.1f} "
+                  f"lr {lr:.2e} ({steps_since / dt:.2f} steps/s, {steps_since * config.batch / dt:.0f} img/s, "
+                  f"{trained_s:.0f}s trained)", flush=True)
+            t_last, steps_since = time.time(), 0
+            run.set_status("running", step=step, total=config.steps)
+        trained_s += time.time() - t_step
+        if config.eval_every and step % config.eval_every == 0:
+            t_eval = time.time()
+            figures = evaluate(eval_idx)
+            run.log_metrics(step, **{f"val_{k}": v for k, v in figures.items()})
+            print(f"step {step} held-out zero-shot {figures['clip_zero_shot_accuracy']:.3f} "
+                  f"({time.time() - t_eval:.1f}s)", flush=True)
+            model.train()
+            t_last += time.time() - t_eval
+        if progress is not None:
+            progress(step, config.steps, None)
+        if step % config.checkpoint_every == 0:
+            checkpoint(step)
+    if run.latest_checkpoint() is None or run.latest_checkpoint().name != f"step_{step:07d}.pt":
+        checkpoint(step)
+
+    # 6. held-out zero-shot evaluation
+    model.eval()
+    figures = evaluate(torch.arange(len(val_bank)))
+    train_idx = torch.arange(min(len(train_bank), len(val_bank)))
+    figures["train_clip_zero_shot_accuracy"] = zero_shot_accuracy(
+        model, tokenizer, train_bank.images[train_idx], train_bank.labels[train_idx])["clip_zero_shot_accuracy"]
+    figures = {("heldout_" + k if k.startswith("zs_") else k): v for k, v in figures.items()}
+    run.log_metrics(step, **figures)
+    print("held-out zero-shot:", {k: round(v, 4) for k, v in figures.items()}, flush=True)
+
+    # 7. export: fp16 safetensors + open_clip_config.json + card, checked by loading it back
+    targets = [run.path / "clip"] + ([Path(config.export_to)] if config.export_to else [])
+    command = "python -m pipelines.training.train_clip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cfg = open_clip.get_model_config(config.model)
+    for folder in targets:
+        save_clip(model, folder, model_name=config.model, fp16=True)
+        write_card(folder, title="PortraitCLIP (embedded CLIP)",
+                   task="image-text embedding for CLIP editing and zero-shot attribute reading",
+                   architecture=(f"open_clip {config.model}: ViT ({cfg['vision_cfg']['layers']} layers, width "
+                                 f"{cfg['vision_cfg']['width']}, patch {cfg['vision_cfg']['patch_size']}, "
+                                 f"{resolution} px) + text transformer ({cfg['text_cfg']['layers']} layers, width "
+                                 f"{cfg['text_cfg']['width']}, context {cfg['text_cfg']['context_length']}, "
+                                 f"open_clip BPE), embed_dim {cfg['embed_dim']}, {n_params / 1e6:.2f}M parameters"),
+                   source=f"training run {config.out_dir} ({step} steps, {trained_s:.0f}s)",
+                   command=command, config=config_to_dict(config),
+                   figures={k: round(v, 4) for k, v in figures.items()},
+                   notes="Load it with `open_clip.create_model_and_transforms(\"" + config.model + "\", "
+                         "pretrained=\"<folder>/open_clip_model.safetensors\")` after importing "
+                         "`pipelines.clip_models` (which registers the config), or with "
+                         "`pipelines.clip_models.load_clip(\"<folder>\")`. Zero-shot figures: for each "
+                         "attribute, the value whose prompts (\"an anime portrait with blue hair\", ...) "
+                         "are closest to the image, on renders of attribute combinations held out of "
+                         "training. Training captions: the world's own varied captions plus short "
+                         "captions naming 1-3 attributes in the prompt phrasing.")
+    loaded = load_clip(targets[0], device=device)
+    with torch.no_grad():
+        x = val_bank.batch(torch.arange(min(8, len(val_bank))), device)
+        drift = (loaded.model.encode_image(prepare_images(loaded.model, x), normalize=True)
+                 - model.encode_image(prepare_images(model, x), normalize=True)).abs().max().item()
+    print(f"exported to {', '.join(map(str, targets))} (fp16 reload max feature difference {drift:.2e})", flush=True)
+    run.set_status("finished", step=step, total=config.steps, figures=figures)
+    return targets[-1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_config(ClipTrainConfig, argv))
+
+
+if __name__ == "__main__":
+    main()

