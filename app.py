@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
               f"choose another port with --port", file=sys.stderr)
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from studio import GPU_QUEUE, build_app  # imported late: argument errors answer at once
+    from studio import build_app  # imported late: argument errors answer at once
 
     try:
         demo = build_app(device=args.device)

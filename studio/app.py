@@ -6,14 +6,10 @@ import os
 
 import gradio as gr
 
-from studio.registry import ModelRegistry, default_registry
+from studio.registry import GPU_QUEUE, ModelRegistry, default_registry
 from studio.tabs import portrait_world
 
 __all__ = ["build_app", "GPU_QUEUE", "on_spaces"]
-
-# Heavy events of every tab share this concurrency id, so one GPU (or the CPU) serves them one
-# at a time instead of thrashing; light events (validation, UI updates) run beside them.
-GPU_QUEUE = "gpu"
 
 INTRO = """# Distillation Studio
 Fast, distilled image generation and GAN editing — every model here was trained by the studio's

@@ -18,7 +18,11 @@ import torch
 
 from pipelines.device import default_dtype, select_device
 
-__all__ = ["ModelSpec", "ModelRegistry", "ASSETS_DIR"]
+__all__ = ["ModelSpec", "ModelRegistry", "ASSETS_DIR", "GPU_QUEUE", "default_registry"]
+
+# Heavy (model) events of every tab share this concurrency id, so one GPU (or the CPU) serves them
+# one at a time instead of thrashing; light events (validation, UI updates) run beside them.
+GPU_QUEUE = "gpu"
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 

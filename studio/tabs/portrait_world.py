@@ -13,7 +13,7 @@ import gradio as gr
 import numpy as np
 
 from pipelines.data.portrait_world import ATTRIBUTES, PortraitAttributes, PortraitWorld
-from studio.registry import ModelRegistry
+from studio.registry import GPU_QUEUE, ModelRegistry
 from studio.validation import MAX_SEED, parse_seed
 
 RANDOM = "random"
@@ -77,12 +77,16 @@ def build(registry: ModelRegistry, demo: gr.Blocks) -> None:
                     "renderer of anime portraits with exact labels, line art and captions.")
         with gr.Row():
             with gr.Column(scale=1):
-                dropdowns = {name: gr.Dropdown([RANDOM, *values], value=RANDOM, label=_labels(name),
-                                               elem_id=f"world_{name}")
-                             for name, values in ATTRIBUTES.items()}
+                dropdowns: dict[str, gr.Dropdown] = {}
+                items = list(ATTRIBUTES.items())
+                for i in range(0, len(items), 2):
+                    with gr.Row():
+                        for name, values in items[i:i + 2]:
+                            dropdowns[name] = gr.Dropdown([RANDOM, *values], value=RANDOM, label=_labels(name),
+                                                          elem_id=f"world_{name}", min_width=120)
                 with gr.Row():
                     seed = gr.Textbox(value="0", label="Seed", elem_id="world_seed", scale=3)
-                    randomise = gr.Button("🎲 Randomise", scale=1, elem_id="world_randomise")
+                    randomise = gr.Button("Random seed", scale=1, elem_id="world_randomise")
                 size = gr.Slider(PortraitWorld.MIN_SIZE, PortraitWorld.MAX_SIZE, value=256, step=32,
                                  label="Resolution (px)", elem_id="world_size")
                 fraction = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Sketch progress",
@@ -112,8 +116,9 @@ def build(registry: ModelRegistry, demo: gr.Blocks) -> None:
         inputs = [*dropdowns.values(), seed, size, fraction]
         outputs = [image, line_art, sketch, caption, reading, download]
         for comp in [*dropdowns.values(), size, fraction]:
-            comp.change(on_render, inputs, outputs, api_name=False, trigger_mode="always_last")
-        seed.submit(on_render, inputs, outputs, api_name="render_portrait")
+            comp.change(on_render, inputs, outputs, api_name=False, trigger_mode="always_last",
+                        concurrency_id=GPU_QUEUE)
+        seed.submit(on_render, inputs, outputs, api_name="render_portrait", concurrency_id=GPU_QUEUE)
         randomise.click(lambda: str(secrets.randbelow(MAX_SEED + 1)), None, seed, api_name=False).then(
-            on_render, inputs, outputs, api_name=False)
-        demo.load(on_render, inputs, outputs, api_name=False)
+            on_render, inputs, outputs, api_name=False, concurrency_id=GPU_QUEUE)
+        demo.load(on_render, inputs, outputs, api_name=False, concurrency_id=GPU_QUEUE)
