@@ -453,11 +453,28 @@ def attribute_prompts(attribute: str) -> list[list[str]]:
 def class_text_features(model: torch.nn.Module, tokenizer: Callable, attribute: str) -> torch.Tensor:
     """One unit embedding per value of ``attribute`` [V, D]: the normalised mean of its prompts'
     embeddings (prompt ensembling, Radford et al. 2021, sec. 3.1.4)."""
-    classes = []
-    for prompts in attribute_prompts(attribute):
-        feats, _ = text_features(model, tokenizer, prompts)
-        classes.append(F.normalize(feats.mean(0), dim=-1))
-    return torch.stack(classes)
+    return _class_features(model, tokenizer, [attribute])[attribute]
+
+
+def _class_features(model: torch.nn.Module, tokenizer: Callable, attributes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """:func:`class_text_features` of several attributes, with one text-encoder call."""
+    groups = [(name, prompts) for name in attributes for prompts in attribute_prompts(name)]
+    feats, _ = text_features(model, tokenizer, [p for _, prompts in groups for p in prompts])   # [P, D]
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in attributes}
+    start = 0
+    for name, prompts in groups:
+        out[name].append(F.normalize(feats[start:start + len(prompts)].mean(0), dim=-1))
+        start += len(prompts)
+    return {name: torch.stack(values) for name, values in out.items()}
+
+
+@torch.no_grad()
+def _image_features_batched(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    if images.dtype == torch.uint8:  # [B, 3, H, W] uint8 -> converted batch by batch
+        return torch.cat([image_features(model, images[i:i + batch_size].float() / 127.5 - 1)
+                          for i in range(0, images.shape[0], batch_size)])
+    return torch.cat([image_features(model, images[i:i + batch_size])
+                      for i in range(0, images.shape[0], batch_size)])
 
 
 @torch.no_grad()
@@ -468,14 +485,9 @@ def zero_shot_classify(model: torch.nn.Module, tokenizer: Callable, images: torc
     ``images``: float [B, 3, H, W] in [-1, 1] (or uint8 [B, 3, H, W]); the value whose prompts are
     closest in cosine similarity wins. ``classes`` may pass precomputed :func:`class_text_features`.
     """
-    if images.dtype == torch.uint8:
-        images = images.float() / 127.5 - 1
     classes = class_text_features(model, tokenizer, attribute) if classes is None else classes
-    preds = []
-    for i in range(0, images.shape[0], batch_size):
-        feats = image_features(model, images[i:i + batch_size])   # [b, D]
-        preds.append((feats @ classes.to(feats.device).T).argmax(-1).cpu())
-    return torch.cat(preds)
+    feats = _image_features_batched(model, images, batch_size)          # [B, D]
+    return (feats @ classes.to(feats.device).T).argmax(-1).cpu()
 
 
 @torch.no_grad()
@@ -483,19 +495,23 @@ def zero_shot_accuracy(model: torch.nn.Module, tokenizer: Callable, images: torc
                        labels: torch.Tensor, *, batch_size: int = 256) -> dict[str, float]:
     """Zero-shot accuracy per attribute (``zs_<name>``) and their mean (``clip_zero_shot_accuracy``).
 
-    ``labels``: [B, num_attributes] indices into ``ATTRIBUTES`` (rows with -1, outliers, are skipped).
+    ``images``: float in [-1, 1] or uint8, [B, 3, H, W]; ``labels``: [B, num_attributes] indices
+    into ``ATTRIBUTES`` (rows with -1, outliers, are skipped).
     """
     from pipelines.data.portrait_world import ATTRIBUTES
     keep = (labels >= 0).all(1)
-    images, labels = images[keep], labels[keep]
+    images, labels = images[keep], labels[keep].cpu()
     if images.shape[0] == 0:
         raise ValueError("no labelled images to evaluate")
     was_training = model.training
     model.eval()
+    feats = _image_features_batched(model, images, batch_size)          # [B, D]
+    all_classes = _class_features(model, tokenizer, list(ATTRIBUTES))
     figures = {}
     for j, name in enumerate(ATTRIBUTES):
-        pred = zero_shot_classify(model, tokenizer, images, name, batch_size=batch_size)
-        figures[f"zs_{name}"] = float((pred == labels[:, j].cpu()).float().mean())
+        classes = all_classes[name].to(feats.device)                     # [V, D]
+        pred = (feats @ classes.T).argmax(-1).cpu()
+        figures[f"zs_{name}"] = float((pred == labels[:, j]).float().mean())
     figures["clip_zero_shot_accuracy"] = sum(figures.values()) / len(ATTRIBUTES)
     model.train(was_training)
     return figures

@@ -108,7 +108,8 @@ def render_bank(n: int, *, size: int, seed: int = 0, split: str = "train",
     if workers == 1:
         parts = [_render_chunk(j) for j in jobs]
     else:
-        with get_context("spawn" if torch.cuda.is_initialized() else "fork").Pool(workers) as pool:
+        # spawn, not fork: a forked child of a process that already ran torch ops can deadlock in OpenMP
+        with get_context("spawn").Pool(workers) as pool:
             parts = pool.map(_render_chunk, jobs)
     bank = ImageBank(
         images=torch.cat([p[0] for p in parts]),

@@ -155,7 +155,10 @@ class RunFolder:
                     f"{self.path} already holds a run with checkpoints; pass --resume true to "
                     "continue it or choose another --out_dir"
                 )
-            ignore = {"total_steps", "steps", "total_kimg", "resume", "out_dir", "export_to", "device", "workers"}
+            # fields that only say how long, where to or how often: a resumed run may change them
+            ignore = {"total_steps", "steps", "total_kimg", "resume", "out_dir", "export_to", "export_dir",
+                      "examples_grid", "device", "workers", "max_train_minutes", "log_every",
+                      "sample_every", "checkpoint_every"}
             diff = {k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k)}
             if resume and diff:
                 raise ValueError(

@@ -16,6 +16,7 @@ checkpoints/. ``--resume true`` continues a killed run from its latest checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -33,7 +34,7 @@ from pipelines.images import make_grid, tensor_to_pil
 from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config,
                                      restore_rng_state, seed_everything)
 
-__all__ = ["AutoencoderConfig", "build_autoencoder", "sobel_edges", "train", "main"]
+__all__ = ["AutoencoderConfig", "build_autoencoder", "load_bank", "sobel_edges", "train", "main"]
 
 VAL_SEED_OFFSET = 1_000_000   # validation renders use seeds far from the training ones
 FINISH_RESERVE_S = 10.0       # seconds of a max_minutes budget kept for statistics and saving
@@ -46,7 +47,7 @@ class AutoencoderConfig:
     out_dir: str = "runs/portrait_vae"
     resume: bool = False
     device: str = "auto"                  # "auto", "cuda", "cpu", ...
-    mixed_precision: str = "bf16"         # "bf16" autocast on CUDA, or "no"
+    mixed_precision: str = "auto"         # "auto" (bf16 autocast on CUDA only), "bf16" (any device), "no"
     seed: int = 0
     # data
     image_size: int = 64                  # pixels; latents are image_size / 2**(levels - 1)
@@ -54,7 +55,7 @@ class AutoencoderConfig:
     val_images: int = 256                 # renders of held-out attribute combinations, for PSNR
     bank_seed: int = 0
     bank_cache: str = "runs/cache"        # folder of rendered banks shared by runs; "" = no cache
-    workers: int = 0                      # render processes; 0 = all CPU cores
+    workers: int = 0                      # render processes; 0 = one per usable CPU core, at most 16
     hflip: bool = True                    # random horizontal flips (reconstruction is flip-equivariant)
     # network
     block_out_channels: tuple[int, ...] = (64, 128, 128)
@@ -122,13 +123,45 @@ def lr_at(step: int, time_fraction: float, cfg: AutoencoderConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def render_workers(requested: int = 0) -> int:
+    """``requested`` render processes, or (0) one per CPU this process may use, at most 16."""
+    if requested > 0:
+        return requested
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(16, available))
+
+
 def load_bank(n: int, *, size: int, seed: int, split: str, cache_dir: str, workers: int) -> ImageBank:
-    """Render (or load from ``cache_dir``) ``n`` portrait-world images of ``split``."""
+    """Render (or load from ``cache_dir``) ``n`` portrait-world images of ``split``.
+
+    The render processes are forked with one BLAS/OpenMP thread each (they inherit the parent's
+    limits): ``workers`` processes with a full thread pool each would oversubscribe the CPUs.
+    """
     cache = Path(cache_dir) / f"bank_{split}_n{n}_s{size}_seed{seed}.npz" if cache_dir else None
+    workers = render_workers(workers)
     t0 = time.perf_counter()
-    bank = render_bank(n, size=size, seed=seed, split=split, workers=workers or None, cache=cache)
-    print(f"bank {split}: {n} images at {size} px in {time.perf_counter() - t0:.1f}s", flush=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _blas_threads(1):
+            bank = render_bank(n, size=size, seed=seed, split=split, workers=workers, cache=cache)
+    finally:
+        torch.set_num_threads(threads)
+    dt = time.perf_counter() - t0
+    print(f"bank {split}: {n} images at {size} px in {dt:.1f}s ({n / dt:.0f} img/s, {workers} workers)", flush=True)
     return bank
+
+
+def _blas_threads(limit: int):
+    """Context limiting NumPy's BLAS threads (threadpoolctl), or a no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit)
 
 
 @torch.no_grad()
@@ -171,11 +204,13 @@ def train(cfg: AutoencoderConfig) -> Path:
                          cache_dir=cfg.bank_cache, workers=cfg.workers)
     device = select_device(cfg.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")   # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True         # TF32 convolutions
         torch.backends.cudnn.benchmark = True
     images = train_bank.images.to(device)                          # [N, 3, H, W] uint8
-    use_bf16 = device.type == "cuda" and cfg.mixed_precision == "bf16"
+    if cfg.mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be auto, bf16 or no, got {cfg.mixed_precision!r}")
+    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)

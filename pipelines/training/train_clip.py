@@ -231,14 +231,21 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
     torch.backends.cudnn.allow_tf32 = True
     resolution = open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
 
-    # 2. data (rendered before CUDA starts, so the worker processes can fork)
+    # 2. data, rendered before CUDA starts so the worker processes can fork. Torch runs on one
+    # thread meanwhile: a forked child that enters an OpenMP region the parent already started
+    # (any large tensor op) waits forever, so the second worker pool would hang.
     t0 = time.time()
-    train_bank = render_bank(config.train_images, size=resolution, seed=config.seed, split="train",
-                             workers=config.workers, cache=run.path / "train_bank.npz")
-    val_bank = render_bank(config.val_images, size=resolution, seed=config.seed + 10_000_000,
-                           split="heldout", workers=config.workers, cache=run.path / "val_bank.npz")
-    t1 = time.time()
-    tokens, mentions = build_caption_pool(train_bank, config, run.path / "captions.npz")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_bank = render_bank(config.train_images, size=resolution, seed=config.seed, split="train",
+                                 workers=config.workers, cache=run.path / "train_bank.npz")
+        val_bank = render_bank(config.val_images, size=resolution, seed=config.seed + 10_000_000,
+                               split="heldout", workers=config.workers, cache=run.path / "val_bank.npz")
+        t1 = time.time()
+        tokens, mentions = build_caption_pool(train_bank, config, run.path / "captions.npz")
+    finally:
+        torch.set_num_threads(threads)
     print(f"rendered {len(train_bank)} + {len(val_bank)} images in {t1 - t0:.1f}s; "
           f"{tokens.shape[0] * tokens.shape[1]} captions tokenized in {time.time() - t1:.1f}s", flush=True)
     images = train_bank.images.to(device)        # [N, 3, H, W] uint8, held on the device

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -45,11 +46,12 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.cards import write_card
-from pipelines.data.bank import ImageBank, render_bank
+from pipelines.data.bank import ImageBank
 from pipelines.device import select_device
 from pipelines.images import make_grid
 from pipelines.text_encoder import PromptEncoder
 from pipelines.text_to_image import PortraitDiffusionPipeline
+from pipelines.training.train_autoencoder import load_bank
 from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config,
                                      restore_rng_state, seed_everything)
 
@@ -66,19 +68,19 @@ class TeacherConfig:
     vae_path: str = "runs/portrait_vae/vae"   # AutoencoderKL folder written by train_autoencoder
     resume: bool = False
     device: str = "auto"
-    mixed_precision: str = "bf16"             # "bf16" autocast on CUDA, or "no"
+    mixed_precision: str = "auto"             # "auto" (bf16 autocast on CUDA only), "bf16" (any device), "no"
     seed: int = 0
     # data
     image_size: int = 64
     num_images: int = 20000                   # training renders (the VAE run's bank is reused)
     bank_seed: int = 0
     bank_cache: str = "runs/cache"            # "" = render without caching
-    workers: int = 0                          # render processes; 0 = all CPU cores
+    workers: int = 0                          # render processes; 0 = one per usable CPU core, at most 16
     captions_per_image: int = 4               # phrasings per image (1 = the bank's caption only)
     caption_dropout: float = 0.1              # probability of the empty (unconditional) prompt
     max_length: int = 64                      # MiniLM tokens per prompt (world captions: <= 51)
     # network
-    block_out_channels: tuple[int, ...] = (128, 256, 256)
+    block_out_channels: tuple[int, ...] = (128, 192, 192)
     cross_attention_levels: tuple[bool, ...] = (True, True, False)   # per resolution level
     layers_per_block: int = 1
     attention_head_dim: int = 8               # diffusers' name: the number of heads per attention
@@ -155,15 +157,6 @@ def lr_at(step: int, time_fraction: float, cfg: TeacherConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def load_bank(n: int, *, size: int, seed: int, split: str, cache_dir: str, workers: int) -> ImageBank:
-    """Render (or load the cached) bank; the same file name as ``train_autoencoder`` uses."""
-    cache = Path(cache_dir) / f"bank_{split}_n{n}_s{size}_seed{seed}.npz" if cache_dir else None
-    t0 = time.perf_counter()
-    bank = render_bank(n, size=size, seed=seed, split=split, workers=workers or None, cache=cache)
-    print(f"bank {split}: {n} images at {size} px in {time.perf_counter() - t0:.1f}s", flush=True)
-    return bank
-
-
 def caption_variants(bank: ImageBank, k: int, seed: int) -> list[list[str]]:
     """``k`` phrasings per image: the bank's caption first, then ``k - 1`` fresh ones that the
     world's caption generator writes from the image's labels (outliers keep their one caption)."""
@@ -193,10 +186,8 @@ def encode_caption_bank(variants: list[list[str]], encoder: PromptEncoder, dtype
     """
     unique: dict[str, int] = {"": 0}
     k = max(len(v) for v in variants)
-    ids = torch.empty(len(variants), k, dtype=torch.long)
-    for i, caps in enumerate(variants):
-        for j in range(k):
-            ids[i, j] = unique.setdefault(caps[j % len(caps)], len(unique))
+    rows = [[unique.setdefault(caps[j % len(caps)], len(unique)) for j in range(k)] for caps in variants]
+    ids = torch.tensor(rows, dtype=torch.long)
     texts = list(unique)
     chunks, truncated = [], 0
     for start in range(0, len(texts), batch):
@@ -252,10 +243,12 @@ def train(cfg: TeacherConfig) -> Path:
     variants = caption_variants(bank, cfg.captions_per_image, cfg.seed)
     device = select_device(cfg.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")   # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True         # TF32 convolutions
         torch.backends.cudnn.benchmark = True
-    use_bf16 = device.type == "cuda" and cfg.mixed_precision == "bf16"
+    if cfg.mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be auto, bf16 or no, got {cfg.mixed_precision!r}")
+    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     store_dtype = torch.bfloat16 if use_bf16 else torch.float32
 
     def autocast():
@@ -383,6 +376,9 @@ def train(cfg: TeacherConfig) -> Path:
     save_samples()
     out = run.path / "pipeline"
     pipe.save_pretrained(out)
+    for name in ("card.json", "README.md"):   # the autoencoder's card goes with its weights
+        if (Path(cfg.vae_path) / name).exists():
+            shutil.copy(Path(cfg.vae_path) / name, out / "vae" / name)
     loop_s = time.perf_counter() - t_loop
     write_card(out, title="Portrait-world text-to-image teacher (latent diffusion)",
                task="text-to-image, 64 px portraits of the portrait world",

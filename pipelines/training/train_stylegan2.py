@@ -351,7 +351,8 @@ def train(config: StyleGAN2TrainConfig, progress: ProgressCallback | None = None
         # 3. Networks, EMA copy, augmentation, optimisers.
         G, D = _build_networks(config, device)
         G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-        augment_pipe = AugmentPipe().to(device)
+        augment_pipe = AugmentPipe().to(device)  # p = 0 until the ADA heuristic raises it
+        augment = augment_pipe if config.augment else torch.nn.Identity()
         pl_on = config.pl_weight > 0
         r1_on = config.r1_gamma > 0
         betas = (config.beta1, config.beta2)
@@ -420,7 +421,7 @@ def train(config: StyleGAN2TrainConfig, progress: ProgressCallback | None = None
             D.requires_grad_(False)
             z = torch.randn([batch, config.z_dim], device=device)
             fake = G.synthesis(_mapping_with_mixing(G, z, config.style_mixing))
-            fake_logits = D(augment_pipe(fake), None)
+            fake_logits = D(augment(fake), None)
             loss_G = F.softplus(-fake_logits).mean()
             opt_G.zero_grad(set_to_none=True)
             loss_G.backward()
@@ -455,8 +456,8 @@ def train(config: StyleGAN2TrainConfig, progress: ProgressCallback | None = None
             with torch.no_grad():
                 z = torch.randn([batch, config.z_dim], device=device)
                 fake = G.synthesis(_mapping_with_mixing(G, z, config.style_mixing))
-            fake_logits = D(augment_pipe(fake), None)
-            real_logits = D(augment_pipe(reals), None)
+            fake_logits = D(augment(fake), None)
+            real_logits = D(augment(reals), None)
             loss_D = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
             opt_D.zero_grad(set_to_none=True)
             loss_D.backward()
@@ -472,7 +473,7 @@ def train(config: StyleGAN2TrainConfig, progress: ProgressCallback | None = None
             # 5d. D R1 on reals, lazily every r1_interval steps, scaled by the interval (Sec. 3.1).
             if r1_on and step % config.r1_interval == 0:
                 reals_r1 = reals.detach().requires_grad_(True)
-                logits = D(augment_pipe(reals_r1), None)
+                logits = D(augment(reals_r1), None)
                 (grads,) = torch.autograd.grad(logits.sum(), reals_r1, create_graph=True)
                 r1_penalty = grads.square().sum([1, 2, 3]).mean()
                 opt_D.zero_grad(set_to_none=True)

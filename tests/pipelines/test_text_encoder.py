@@ -57,3 +57,13 @@ def test_semantics_similar_prompts_are_closer(encoder):
 def test_rejects_a_bare_string(encoder):
     with pytest.raises(TypeError):
         encode_prompts("red hair", text_encoder=encoder.text_encoder, tokenizer=encoder.tokenizer)
+
+
+def test_cut_matches_the_tokenizers_own_truncation(encoder):
+    long = "a girl with long red hair, green eyes, glasses, a hat and a big laugh on a mint background"
+    _, mask, truncated = encoder([long])
+    ref = encoder.tokenizer([long], padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    assert truncated == [True]
+    assert torch.equal(mask.cpu(), ref["attention_mask"])
+    hidden_ref = encoder.text_encoder(**{k: ref[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
+    torch.testing.assert_close(encoder([long])[0], hidden_ref)

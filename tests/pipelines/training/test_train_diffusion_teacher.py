@@ -71,3 +71,14 @@ def test_tiny_run_writes_a_pipeline_and_resumes(vae_path, tmp_path):
     result = pipe(prompt="a girl with long red hair", num_inference_steps=2, output_type="pt",
                   generator=torch.Generator().manual_seed(0))
     assert result.images.shape == (1, 3, 64, 64) and torch.isfinite(result.images).all()
+
+
+def test_lr_warms_up_then_decays_by_steps_or_time():
+    from pipelines.training.train_diffusion_teacher import lr_at
+
+    cfg = TeacherConfig(lr=1e-3, warmup_steps=10, total_steps=110)
+    assert lr_at(0, 0.0, cfg) == pytest.approx(1e-4)
+    assert lr_at(10, 0.0, cfg) == pytest.approx(1e-3)
+    assert lr_at(110, 0.0, cfg) == pytest.approx(1e-4)           # cosine to 10 %
+    assert lr_at(20, 1.0, cfg) == pytest.approx(1e-4)            # the time budget is spent
+    assert lr_at(60, 0.0, cfg) == pytest.approx(lr_at(20, 0.5, cfg))
