@@ -137,31 +137,33 @@ def render_workers(requested: int = 0) -> int:
 def load_bank(n: int, *, size: int, seed: int, split: str, cache_dir: str, workers: int) -> ImageBank:
     """Render (or load from ``cache_dir``) ``n`` portrait-world images of ``split``.
 
-    The render processes are forked with one BLAS/OpenMP thread each (they inherit the parent's
-    limits): ``workers`` processes with a full thread pool each would oversubscribe the CPUs.
+    The render processes start with one OpenMP/BLAS thread each (``workers`` processes with a full
+    thread pool each would oversubscribe the CPUs).
     """
     cache = Path(cache_dir) / f"bank_{split}_n{n}_s{size}_seed{seed}.npz" if cache_dir else None
     workers = render_workers(workers)
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with _blas_threads(1):
-            bank = render_bank(n, size=size, seed=seed, split=split, workers=workers, cache=cache)
-    finally:
-        torch.set_num_threads(threads)
+    with _single_threaded_children():
+        bank = render_bank(n, size=size, seed=seed, split=split, workers=workers, cache=cache)
     dt = time.perf_counter() - t0
     print(f"bank {split}: {n} images at {size} px in {dt:.1f}s ({n / dt:.0f} img/s, {workers} workers)", flush=True)
     return bank
 
 
-def _blas_threads(limit: int):
-    """Context limiting NumPy's BLAS threads (threadpoolctl), or a no-op without threadpoolctl."""
+@contextlib.contextmanager
+def _single_threaded_children():
+    """Child processes started inside read one-thread limits from the environment."""
+    keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=limit)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @torch.no_grad()
@@ -196,12 +198,11 @@ def train(cfg: AutoencoderConfig) -> Path:
     resumed = run.create(cfg, resume=cfg.resume)
     seed_everything(cfg.seed)
 
-    # 1. Data: render before CUDA starts (render workers fork), then hold the bank on the device.
+    # 1. Data: render (or load) the banks, then hold the training images on the device as uint8.
     train_bank = load_bank(cfg.num_images, size=cfg.image_size, seed=cfg.bank_seed, split="train",
                            cache_dir=cfg.bank_cache, workers=cfg.workers)
     val_bank = load_bank(cfg.val_images, size=cfg.image_size, seed=cfg.bank_seed + VAL_SEED_OFFSET,
-                         split="heldout",
-                         cache_dir=cfg.bank_cache, workers=cfg.workers)
+                         split="heldout", cache_dir=cfg.bank_cache, workers=cfg.workers)
     device = select_device(cfg.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # TF32 matmuls

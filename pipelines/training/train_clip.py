@@ -106,14 +106,14 @@ def prompt_caption(attributes: PortraitAttributes, rng: np.random.Generator) -> 
 
 def _caption_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray, int]:
     """Tokens [n, K, context] and mentioned values [n, K, A] (-1: not mentioned) of a slice."""
-    model_name, labels, seeds, n_world, n_prompt = args
+    model_name, labels, first, seed, n_world, n_prompt = args
     world, tokenizer = PortraitWorld(), open_clip.get_tokenizer(model_name)
     names = list(ATTRIBUTES)
     texts, mentions = [], np.full((len(labels), n_world + n_prompt, len(names)), -1, dtype=np.int8)
-    for i, (row, seed) in enumerate(zip(labels, seeds)):
+    for i, row in enumerate(labels):
         attrs = PortraitAttributes.from_indices([int(v) for v in row])
         for k in range(n_world + n_prompt):
-            rng = np.random.default_rng([int(seed), 100 + k])
+            rng = np.random.default_rng([seed, first + i, k])   # fresh phrasings, fixed per run
             if k < n_world:
                 text = world.caption(attrs, rng)
                 named = caption_attributes(text)
@@ -134,18 +134,25 @@ def build_caption_pool(bank: ImageBank, config: ClipTrainConfig, cache: Path) ->
         with np.load(cache) as z:
             if z["tokens"].shape[:2] == (len(bank), config.world_captions + config.prompt_captions):
                 return torch.from_numpy(z["tokens"]), torch.from_numpy(z["mentions"])
-    labels, seeds = bank.labels.numpy(), bank.seeds
+    labels = bank.labels.numpy()
     if (labels < 0).any():
         raise ValueError("the caption pool needs a bank without outliers")
     workers = max(1, config.workers)
     bounds = np.linspace(0, len(bank), min(workers * 4, len(bank)) + 1).astype(int)
-    jobs = [(config.model, labels[a:b], seeds[a:b], config.world_captions, config.prompt_captions)
+    jobs = [(config.model, labels[a:b], int(a), config.seed, config.world_captions, config.prompt_captions)
             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     if workers == 1:
         parts = [_caption_chunk(j) for j in jobs]
     else:
-        with get_context("spawn" if torch.cuda.is_initialized() else "fork").Pool(workers) as pool:
-            parts = pool.map(_caption_chunk, jobs)
+        # Forked workers start at once. Torch runs on one thread meanwhile: a forked child that
+        # enters an OpenMP region its parent had started (any large tensor op) waits forever.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with get_context("spawn" if torch.cuda.is_initialized() else "fork").Pool(workers) as pool:
+                parts = pool.map(_caption_chunk, jobs)
+        finally:
+            torch.set_num_threads(threads)
     tokens = np.concatenate([p[0] for p in parts])
     mentions = np.concatenate([p[1] for p in parts])
     full = sum(p[2] for p in parts)
@@ -231,21 +238,14 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
     torch.backends.cudnn.allow_tf32 = True
     resolution = open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
 
-    # 2. data, rendered before CUDA starts so the worker processes can fork. Torch runs on one
-    # thread meanwhile: a forked child that enters an OpenMP region the parent already started
-    # (any large tensor op) waits forever, so the second worker pool would hang.
+    # 2. data, prepared before CUDA starts (the caption workers fork)
     t0 = time.time()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_bank = render_bank(config.train_images, size=resolution, seed=config.seed, split="train",
-                                 workers=config.workers, cache=run.path / "train_bank.npz")
-        val_bank = render_bank(config.val_images, size=resolution, seed=config.seed + 10_000_000,
-                               split="heldout", workers=config.workers, cache=run.path / "val_bank.npz")
-        t1 = time.time()
-        tokens, mentions = build_caption_pool(train_bank, config, run.path / "captions.npz")
-    finally:
-        torch.set_num_threads(threads)
+    train_bank = render_bank(config.train_images, size=resolution, seed=config.seed, split="train",
+                             workers=config.workers, cache=run.path / "train_bank.npz")
+    val_bank = render_bank(config.val_images, size=resolution, seed=config.seed + 10_000_000,
+                           split="heldout", workers=config.workers, cache=run.path / "val_bank.npz")
+    t1 = time.time()
+    tokens, mentions = build_caption_pool(train_bank, config, run.path / "captions.npz")
     print(f"rendered {len(train_bank)} + {len(val_bank)} images in {t1 - t0:.1f}s; "
           f"{tokens.shape[0] * tokens.shape[1]} captions tokenized in {time.time() - t1:.1f}s", flush=True)
     images = train_bank.images.to(device)        # [N, 3, H, W] uint8, held on the device

@@ -200,7 +200,8 @@ def encode_caption_bank(variants: list[list[str]], encoder: PromptEncoder, dtype
 
 
 @torch.no_grad()
-def encode_latent_bank(vae, bank: ImageBank, device: torch.device, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latent_bank(vae, bank: ImageBank, device: torch.device,
+                       batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of every bank image's latent distribution, [N, C, h, w] float32 on ``device``."""
     means, stds = [], []
     for start in range(0, len(bank), batch):
@@ -237,7 +238,7 @@ def train(cfg: TeacherConfig) -> Path:
     seed_everything(cfg.seed)
     t_start = time.perf_counter()
 
-    # 1. Data: render (or load) the bank before CUDA starts, and the captions' phrasings.
+    # 1. Data: render (or load) the bank, and write the captions' extra phrasings.
     bank = load_bank(cfg.num_images, size=cfg.image_size, seed=cfg.bank_seed, split="train",
                      cache_dir=cfg.bank_cache, workers=cfg.workers)
     variants = caption_variants(bank, cfg.captions_per_image, cfg.seed)

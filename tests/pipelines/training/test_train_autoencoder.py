@@ -24,6 +24,7 @@ def test_sobel_edges_find_a_vertical_edge():
     assert e[0, 0, :, 3:5].abs().min() > 0 and e[0, 1].abs().max() == 0
 
 
+@pytest.mark.slow
 def test_tiny_run_saves_a_loadable_vae_and_resumes(tmp_path):
     from diffusers import AutoencoderKL
 

@@ -13,8 +13,8 @@ from pipelines.clip_models import WEIGHTS_FILE, load_clip, prepare_images
 from pipelines.data.bank import render_bank
 from pipelines.data.portrait_world import ATTRIBUTES, PortraitAttributes, caption_attributes
 from pipelines.training.runs import RunFolder
-from pipelines.training.train_clip import (ClipTrainConfig, augment, contrastive_loss, positives,
-                                           prompt_caption, train)
+from pipelines.training.train_clip import (ClipTrainConfig, augment, build_caption_pool, contrastive_loss,
+                                           positives, prompt_caption, train)
 
 TINY = "PortraitCLIP-Test-TinyTrain"
 TINY_CFG = {
@@ -22,6 +22,15 @@ TINY_CFG = {
     "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
     "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,6 +87,20 @@ def test_prompt_captions_say_only_true_things():
         text, named = prompt_caption(attrs, rng)
         assert 1 <= len(named) <= 3 and caption_attributes(text) == named
         assert all(attrs.to_dict()[k] == v for k, v in named.items())
+
+
+def test_caption_pool_is_deterministic_and_labels_what_captions_say(tmp_path):
+    bank = render_bank(6, size=64, seed=5, workers=1)
+    one = build_caption_pool(bank, _config(tmp_path, workers=1), tmp_path / "a.npz")
+    two = build_caption_pool(bank, _config(tmp_path, workers=2), tmp_path / "b.npz")   # forked workers
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    tokens, mentions = one
+    assert tokens.shape == (6, 3, TINY_CFG["text_cfg"]["context_length"]) and mentions.shape == (6, 3, len(ATTRIBUTES))
+    # every caption names hair colour or another attribute, and only true values
+    named = mentions.long() >= 0
+    assert named.any(-1).all()
+    assert torch.all((mentions.long() == bank.labels[:, None, :]) | ~named)
+    assert torch.equal(build_caption_pool(bank, _config(tmp_path), tmp_path / "a.npz")[0], tokens)  # cached
 
 
 def test_augment_keeps_shape_range_and_is_seeded():

@@ -41,7 +41,8 @@ def test_caption_bank_encodes_each_distinct_caption_once():
         max_length = 4
 
         def __call__(self, texts):
-            return torch.arange(len(texts), dtype=torch.float32).view(-1, 1, 1).expand(-1, 4, 3), None, [False] * len(texts)
+            states = torch.arange(len(texts), dtype=torch.float32).view(-1, 1, 1).expand(-1, 4, 3)
+            return states, None, [False] * len(texts)
 
     states, ids, empty = encode_caption_bank([["a", "b"], ["a"], ["c", "a"]], FakeEncoder(), torch.float32)
     assert states.shape[0] == 4                            # "", a, b, c
@@ -49,6 +50,7 @@ def test_caption_bank_encodes_each_distinct_caption_once():
     assert torch.all(states[0] == 0)
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_a_pipeline_and_resumes(vae_path, tmp_path):
     from pipelines.text_to_image import PortraitDiffusionPipeline
 
