@@ -102,7 +102,8 @@ def load_clip(name_or_path: str | os.PathLike[str] = "embedded", *,
     """Load a CLIP model through open_clip.
 
     ``name_or_path`` is one of:
-      - ``"embedded"``: the studio's PortraitCLIP in ``assets/clip/``;
+      - ``"embedded"`` (or ``"PortraitCLIP-ViT-T-64"`` without ``pretrained``): the studio's
+        PortraitCLIP in ``assets/clip/``;
       - a model folder (``open_clip_config.json`` + ``open_clip_model.safetensors``, as
         :func:`save_clip` and the training script write), or a weights file inside one;
       - an open_clip model name with ``pretrained=`` a tag (``"ViT-B-32"``,
@@ -122,7 +123,7 @@ def load_clip(name_or_path: str | os.PathLike[str] = "embedded", *,
     common = dict(device=device, precision=precision, cache_dir=cache_dir)
 
     name = str(name_or_path)
-    if name == "embedded":
+    if name == "embedded" or (name == EMBEDDED_NAME and pretrained is None):
         if not (EMBEDDED_CLIP / CONFIG_FILE).exists():
             raise FileNotFoundError(
                 f"the embedded CLIP is missing from {EMBEDDED_CLIP}; train it with "

@@ -12,7 +12,10 @@ The loss is CLIP's symmetric InfoNCE with a learnable temperature (Radford et al
 Because the world knows which attributes every caption mentions, ``multi_positive`` counts every
 image a caption describes correctly as a positive of that caption (the image-text-label contrast
 of UniCL, Yang et al. 2022) instead of treating it as a negative; short captions such as "an anime
-girl with glasses" then teach rather than confuse.
+girl with glasses" then teach rather than confuse. ``hard_negatives`` adds, for every image, a
+counterfactual caption that differs from a true one in a single attribute value (NegCLIP,
+Yuksekgonul et al. 2023): a batch can no longer be told apart by hair colour and background alone,
+so eye colour, expression, glasses and the rest are learnt too.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class ClipTrainConfig:
     world_captions: int = 4         # captions per image in the world's own varied phrasings
     prompt_captions: int = 2        # captions per image naming 1-3 of its attributes ("... with glasses")
     multi_positive: bool = True     # every image a caption describes counts as its positive (UniCL)
+    hard_negatives: bool = True     # add per image the twin of a prompt caption with one value changed
     steps: int = 3000               # optimiser steps (the most, when time_budget_s is set)
     time_budget_s: float = 0.0      # > 0: stop after this many seconds of training; the LR schedule
                                     # follows whichever of steps / time runs out first
@@ -80,6 +84,8 @@ class ClipTrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.world_captions < 1 or self.prompt_captions < 0:
             raise ValueError("world_captions must be >= 1 and prompt_captions >= 0")
+        if self.hard_negatives and self.prompt_captions < 1:
+            raise ValueError("hard_negatives needs prompt_captions >= 1 (the negatives are their twins)")
         if self.train_images < self.batch:
             raise ValueError(f"train_images ({self.train_images}) must be at least batch ({self.batch})")
         if open_clip.get_model_config(self.model) is None:
@@ -90,26 +96,53 @@ class ClipTrainConfig:
 # captions: a pool of pre-tokenized captions per image, with the attributes each one mentions
 # --------------------------------------------------------------------------------------------
 
-def prompt_caption(attributes: PortraitAttributes, rng: np.random.Generator) -> tuple[str, dict[str, str]]:
-    """A short caption naming 1-3 random attributes of the portrait, in the zero-shot phrasing."""
+def prompt_caption(attributes: PortraitAttributes, rng: np.random.Generator
+                   ) -> tuple[tuple[str, dict[str, str]], tuple[str, dict[str, str]]]:
+    """A short caption naming 1-3 random attributes of the portrait in the zero-shot phrasing
+    ("an anime girl with blue eyes and a hat"), and its counterfactual twin: the same caption with
+    one of those attributes changed to a value the portrait does not have (a hard negative, as in
+    NegCLIP, Yuksekgonul et al. 2023). Each comes with the ``{name: value}`` it mentions."""
     values = attributes.to_dict()
     names = list(ATTRIBUTES)
     chosen = [names[i] for i in rng.choice(len(names), size=int(rng.integers(1, 4)), replace=False)]
-    phrases = []
-    for name in chosen:
-        options = value_phrases(name, values[name])
-        phrases.append(options[int(rng.integers(len(options)))])
-    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    picks = rng.random(len(chosen))                     # which phrasing of each value
     template = PROMPT_TEMPLATES[int(rng.integers(len(PROMPT_TEMPLATES)))]
-    return template.format(text), {n: values[n] for n in chosen}
+    flipped = chosen[int(rng.integers(len(chosen)))]
+    others = [v for v in ATTRIBUTES[flipped] if v != values[flipped]]
+    twin_values = {**values, flipped: others[int(rng.integers(len(others)))]}
+
+    def compose(vals: dict[str, str]) -> tuple[str, dict[str, str]]:
+        phrases = []
+        for name, u in zip(chosen, picks):
+            options = value_phrases(name, vals[name])
+            phrases.append(options[int(u * len(options))])
+        text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        return template.format(text), {n: vals[n] for n in chosen}
+
+    return compose(values), compose(twin_values)
 
 
-def _caption_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray, int]:
-    """Tokens [n, K, context] and mentioned values [n, K, A] (-1: not mentioned) of a slice."""
+@dataclass
+class CaptionPool:
+    """Pre-tokenized captions of every bank image (K = world_captions + prompt_captions)."""
+    tokens: torch.Tensor        # [N, K, context] int32
+    mentions: torch.Tensor      # [N, K, A] int8: value index of each attribute named, -1 if not named
+    neg_tokens: torch.Tensor    # [N, prompt_captions, context] int32: the twins of the prompt captions
+    neg_mentions: torch.Tensor  # [N, prompt_captions, A] int8
+
+    def to(self, device: torch.device) -> "CaptionPool":
+        return CaptionPool(*(t.to(device) for t in (self.tokens, self.mentions, self.neg_tokens, self.neg_mentions)))
+
+
+def _caption_chunk(args: tuple) -> tuple[np.ndarray, ...]:
+    """The caption pool arrays of one slice of the bank, and how many captions filled the context."""
     model_name, labels, first, seed, n_world, n_prompt = args
     world, tokenizer = PortraitWorld(), open_clip.get_tokenizer(model_name)
     names = list(ATTRIBUTES)
-    texts, mentions = [], np.full((len(labels), n_world + n_prompt, len(names)), -1, dtype=np.int8)
+    n = len(labels)
+    texts, neg_texts = [], []
+    mentions = np.full((n, n_world + n_prompt, len(names)), -1, dtype=np.int8)
+    neg_mentions = np.full((n, n_prompt, len(names)), -1, dtype=np.int8)
     for i, row in enumerate(labels):
         attrs = PortraitAttributes.from_indices([int(v) for v in row])
         for k in range(n_world + n_prompt):
@@ -118,22 +151,30 @@ def _caption_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray, int]:
                 text = world.caption(attrs, rng)
                 named = caption_attributes(text)
             else:
-                text, named = prompt_caption(attrs, rng)
+                (text, named), (neg_text, neg_named) = prompt_caption(attrs, rng)
+                neg_texts.append(neg_text)
+                for name, value in neg_named.items():
+                    neg_mentions[i, k - n_world, names.index(name)] = ATTRIBUTES[name].index(value)
             texts.append(text)
             for name, value in named.items():
                 mentions[i, k, names.index(name)] = ATTRIBUTES[name].index(value)
     tokens = tokenizer(texts)                                    # [n * K, context]
+    context = tokens.shape[-1]
+    neg_tokens = tokenizer(neg_texts) if neg_texts else torch.zeros(0, context, dtype=torch.long)
     full = int((tokens[:, -1] != 0).sum())                       # no padding left: maybe truncated
-    return tokens.numpy().astype(np.int32).reshape(len(labels), -1, tokens.shape[-1]), mentions, full
+    return (tokens.numpy().astype(np.int32).reshape(n, -1, context), mentions,
+            neg_tokens.numpy().astype(np.int32).reshape(n, n_prompt, context), neg_mentions, full)
 
 
-def build_caption_pool(bank: ImageBank, config: ClipTrainConfig, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every bank image, ``world_captions + prompt_captions`` captions: tokens [N, K, context]
-    int32 and mentioned attribute values [N, K, A] int8. Cached to ``cache`` for resumed runs."""
+def build_caption_pool(bank: ImageBank, config: ClipTrainConfig, cache: Path) -> CaptionPool:
+    """For every bank image, ``world_captions`` captions in the world's phrasings and
+    ``prompt_captions`` short ones with their twins; cached to ``cache`` for resumed runs."""
+    keys = ("tokens", "mentions", "neg_tokens", "neg_mentions")
     if cache.exists():
         with np.load(cache) as z:
-            if z["tokens"].shape[:2] == (len(bank), config.world_captions + config.prompt_captions):
-                return torch.from_numpy(z["tokens"]), torch.from_numpy(z["mentions"])
+            if (z["tokens"].shape[:2] == (len(bank), config.world_captions + config.prompt_captions)
+                    and z["neg_tokens"].shape[1] == config.prompt_captions):
+                return CaptionPool(*(torch.from_numpy(z[k]) for k in keys))
     labels = bank.labels.numpy()
     if (labels < 0).any():
         raise ValueError("the caption pool needs a bank without outliers")
@@ -153,16 +194,16 @@ def build_caption_pool(bank: ImageBank, config: ClipTrainConfig, cache: Path) ->
                 parts = pool.map(_caption_chunk, jobs)
         finally:
             torch.set_num_threads(threads)
-    tokens = np.concatenate([p[0] for p in parts])
-    mentions = np.concatenate([p[1] for p in parts])
-    full = sum(p[2] for p in parts)
+    arrays = {k: np.concatenate([p[j] for p in parts]) for j, k in enumerate(keys)}
+    full = sum(p[-1] for p in parts)
     if full:
-        print(f"warning: {full} of {tokens.shape[0] * tokens.shape[1]} captions fill the whole context "
-              f"({tokens.shape[-1]} tokens) and may have been truncated", flush=True)
+        n_texts = arrays["tokens"].shape[0] * arrays["tokens"].shape[1]
+        print(f"warning: {full} of {n_texts} captions fill the whole context "
+              f"({arrays['tokens'].shape[-1]} tokens) and may have been truncated", flush=True)
     tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(tmp, tokens=tokens, mentions=mentions)
+    np.savez(tmp, **arrays)
     tmp.replace(cache)
-    return torch.from_numpy(tokens), torch.from_numpy(mentions)
+    return CaptionPool(*(torch.from_numpy(arrays[k]) for k in keys))
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,24 +242,31 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def positives(labels: torch.Tensor, mentions: torch.Tensor) -> torch.Tensor:
-    """[B_img, B_txt] bool: caption j describes image i (every attribute it mentions matches).
+    """[B, T] bool: caption j describes image i (every attribute it mentions matches).
 
-    labels: [B, A] value indices; mentions: [B, A] value indices, -1 where not mentioned."""
-    m = mentions[None].long()                                           # [1, B, A]
-    return ((m < 0) | (m == labels[:, None].long())).all(-1)            # [B, B]
+    labels: [B, A] value indices; mentions: [T, A] value indices, -1 where not mentioned."""
+    m = mentions[None].long()                                           # [1, T, A]
+    return ((m < 0) | (m == labels[:, None].long())).all(-1)            # [B, T]
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                      match: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of unit features [B, D] (CLIP, Radford et al. 2021).
+    """Symmetric InfoNCE over unit features (CLIP, Radford et al. 2021).
 
-    ``match`` [B, B] bool marks extra positive pairs; the target of each row is then uniform over
-    its positives (the diagonal is always one), as in UniCL (Yang et al. 2022)."""
-    logits = logit_scale * image_features.float() @ text_features.float().T   # [B_img, B_txt]
-    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-    target = (eye if match is None else match | eye).float()
+    image_features [B, D]; text_features [T, D], T >= B: text i < B is the caption of image i, the
+    texts after B are extra negatives for the image-to-text side (hard negatives). ``match``
+    [B, T] bool marks further positive pairs; each row's target is then uniform over its
+    positives (UniCL, Yang et al. 2022)."""
+    b, t = image_features.shape[0], text_features.shape[0]
+    logits = logit_scale * image_features.float() @ text_features.float().T   # [B, T]
+    target = torch.zeros(b, t, dtype=torch.bool, device=logits.device)
+    target[:, :b] = torch.eye(b, dtype=torch.bool, device=logits.device)
+    if match is not None:
+        target |= match
+    target = target.float()
     loss_i = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-    loss_t = -(target.T / target.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+    target_t = target[:, :b].T                                               # [B_txt, B_img]
+    loss_t = -(target_t / target_t.sum(1, keepdim=True) * logits[:, :b].T.log_softmax(1)).sum(1).mean()
     return (loss_i + loss_t) / 2
 
 
@@ -245,14 +293,13 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
     val_bank = render_bank(config.val_images, size=resolution, seed=config.seed + 10_000_000,
                            split="heldout", workers=config.workers, cache=run.path / "val_bank.npz")
     t1 = time.time()
-    tokens, mentions = build_caption_pool(train_bank, config, run.path / "captions.npz")
+    pool = build_caption_pool(train_bank, config, run.path / "captions.npz")
+    n_texts = pool.tokens.shape[0] * (pool.tokens.shape[1] + pool.neg_tokens.shape[1])
     print(f"rendered {len(train_bank)} + {len(val_bank)} images in {t1 - t0:.1f}s; "
-          f"{tokens.shape[0] * tokens.shape[1]} captions tokenized in {time.time() - t1:.1f}s", flush=True)
+          f"{n_texts} captions tokenized in {time.time() - t1:.1f}s", flush=True)
     images = train_bank.images.to(device)        # [N, 3, H, W] uint8, held on the device
     labels = train_bank.labels.to(device)        # [N, A]
-    tokens = tokens.to(device)                   # [N, K, context] int32
-    mentions = mentions.to(device)               # [N, K, A] int8
-    n_captions = tokens.shape[1]
+    pool = pool.to(device)
     eval_idx = torch.arange(min(config.eval_images, len(val_bank)))
 
     # 3. network and optimiser
@@ -309,18 +356,22 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
         t_step = time.time()
         # drawn on the device: no host-device synchronisation inside a step
         idx = torch.randint(0, len(train_bank), (config.batch,), generator=gen, device=device)
-        k = torch.randint(0, n_captions, (config.batch,), generator=gen, device=device)
+        k = torch.randint(0, pool.tokens.shape[1], (config.batch,), generator=gen, device=device)
         x = images[idx].float().div_(127.5).sub_(1.0)                   # [B, 3, H, W] in [-1, 1]
         if config.augment:
             x = augment(x, gen)
-        text = tokens[idx, k].long()                                    # [B, context]
-        match = positives(labels[idx], mentions[idx, k]) if config.multi_positive else None
+        text, named = pool.tokens[idx, k], pool.mentions[idx, k]       # [B, context], [B, A]
+        if config.hard_negatives:  # one counterfactual twin per image: [2B, context], [2B, A]
+            j = torch.randint(0, pool.neg_tokens.shape[1], (config.batch,), generator=gen, device=device)
+            text = torch.cat([text, pool.neg_tokens[idx, j]])
+            named = torch.cat([named, pool.neg_mentions[idx, j]])
+        match = positives(labels[idx], named) if config.multi_positive else None
         lr = lr_at(step, trained_s)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             img_f = model.encode_image(prepare_images(model, x), normalize=True)   # [B, D]
-            txt_f = model.encode_text(text, normalize=True)                       # [B, D]
+            txt_f = model.encode_text(text.long(), normalize=True)                # [B or 2B, D]
         loss = contrastive_loss(img_f, txt_f, model.logit_scale.exp(), match)
         opt.zero_grad(set_to_none=True)
         loss.backward()

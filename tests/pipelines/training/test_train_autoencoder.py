@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 
 from pipelines.training.train_autoencoder import main, sobel_edges  # noqa: E402
 
-TINY = ["--num_images", "12", "--val_images", "4", "--workers", "1", "--block_out_channels", "8,16,16",
+TINY = ["--num_images", "8", "--val_images", "2", "--workers", "1", "--block_out_channels", "8,16,16",
         "--norm_num_groups", "8", "--batch_size", "4", "--log_every", "2", "--sample_every", "3",
         "--checkpoint_every", "3", "--stats_images", "8", "--device", "cpu"]
 

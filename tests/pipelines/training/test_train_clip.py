@@ -75,32 +75,48 @@ def test_multi_positive_targets():
     match = positives(labels, mentions)                   # [image, caption]
     assert match.tolist() == [[True, False, False], [True, True, False], [False, False, True]]
     f = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
-    plain = contrastive_loss(f, f, torch.tensor(10.0))
-    assert torch.isclose(plain, contrastive_loss(f, f, torch.tensor(10.0), torch.eye(3, dtype=torch.bool)))
-    assert not torch.isclose(plain, contrastive_loss(f, f, torch.tensor(10.0), match))
+    scale = torch.tensor(10.0)
+    plain = contrastive_loss(f, f, scale)
+    assert torch.isclose(plain, contrastive_loss(f, f, scale, torch.eye(3, dtype=torch.bool)))
+    assert not torch.isclose(plain, contrastive_loss(f, f, scale, match))
+    # extra negative texts raise the image-to-text loss only; a far-away negative changes nothing
+    near = torch.cat([f, f + 0.01 * torch.randn(3, 8)])
+    assert contrastive_loss(f, near, scale) > plain
+    far = torch.cat([f, -f])
+    assert torch.isclose(contrastive_loss(f, far, torch.tensor(100.0)), contrastive_loss(f, f, torch.tensor(100.0)),
+                         atol=1e-4)
 
 
-def test_prompt_captions_say_only_true_things():
+def test_prompt_captions_say_true_things_and_their_twins_one_false_thing():
     rng = np.random.default_rng(0)
     attrs = PortraitAttributes.from_indices([0] * len(ATTRIBUTES)).replace(hair_color="blue", glasses="yes")
+    truth = attrs.to_dict()
     for _ in range(20):
-        text, named = prompt_caption(attrs, rng)
+        (text, named), (twin, twin_named) = prompt_caption(attrs, rng)
         assert 1 <= len(named) <= 3 and caption_attributes(text) == named
-        assert all(attrs.to_dict()[k] == v for k, v in named.items())
+        assert all(truth[k] == v for k, v in named.items())
+        assert caption_attributes(twin) == twin_named and twin_named.keys() == named.keys()
+        assert sum(truth[k] != v for k, v in twin_named.items()) == 1
 
 
 def test_caption_pool_is_deterministic_and_labels_what_captions_say(tmp_path):
     bank = render_bank(6, size=64, seed=5, workers=1)
     one = build_caption_pool(bank, _config(tmp_path, workers=1), tmp_path / "a.npz")
     two = build_caption_pool(bank, _config(tmp_path, workers=2), tmp_path / "b.npz")   # forked workers
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
-    tokens, mentions = one
-    assert tokens.shape == (6, 3, TINY_CFG["text_cfg"]["context_length"]) and mentions.shape == (6, 3, len(ATTRIBUTES))
-    # every caption names hair colour or another attribute, and only true values
-    named = mentions.long() >= 0
+    for a, b in zip(vars(one).values(), vars(two).values()):
+        assert torch.equal(a, b)
+    context, n_attr = TINY_CFG["text_cfg"]["context_length"], len(ATTRIBUTES)
+    assert one.tokens.shape == (6, 3, context) and one.mentions.shape == (6, 3, n_attr)
+    assert one.neg_tokens.shape == (6, 1, context) and one.neg_mentions.shape == (6, 1, n_attr)
+    # captions name only true values; each twin names exactly one false value
+    named = one.mentions.long() >= 0
     assert named.any(-1).all()
-    assert torch.all((mentions.long() == bank.labels[:, None, :]) | ~named)
-    assert torch.equal(build_caption_pool(bank, _config(tmp_path), tmp_path / "a.npz")[0], tokens)  # cached
+    assert torch.all((one.mentions.long() == bank.labels[:, None, :]) | ~named)
+    neg_named = one.neg_mentions.long() >= 0
+    wrong = (one.neg_mentions.long() != bank.labels[:, None, :]) & neg_named
+    assert torch.all(wrong.sum(-1) == 1)
+    cached = build_caption_pool(bank, _config(tmp_path), tmp_path / "a.npz")
+    assert torch.equal(cached.neg_tokens, one.neg_tokens)
 
 
 def test_augment_keeps_shape_range_and_is_seeded():
