@@ -22,6 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipelines.attention import nasa
 from pipelines.device import default_dtype, select_device
 from pipelines.images import tensor_to_pil
 from pipelines.text_encoder import DEFAULT_MAX_LENGTH, PACKAGE_NAME, encode_prompts, load_text_encoder
@@ -239,7 +241,8 @@ class PortraitDiffusionPipeline:
                  num_inference_steps: int = 25, guidance_scale: float = 4.0,
                  generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", callback: ProgressCallback | None = None,
-                 latents: torch.Tensor | None = None, guidance_rescale: float = 0.0) -> TextToImageOutput:
+                 latents: torch.Tensor | None = None, guidance_rescale: float = 0.0,
+                 negative_mode: str = "auto", nasa_scale: float = 1.0) -> TextToImageOutput:
         """Generate images for ``prompt``.
 
         Classifier-free guidance mixes the conditional and unconditional (``negative_prompt``, the
@@ -250,12 +253,23 @@ class PortraitDiffusionPipeline:
         ``callback(step, total, preview)`` is called after every step with ``preview`` the current
         estimate of the clean latents [B, C, h, w] (decode with :meth:`decode_latents`).
         ``latents`` optionally gives the initial noise [B, C, h, w] (before ``init_noise_sigma``).
+        ``negative_mode`` says where ``negative_prompt`` goes: "cfg" (the unconditional branch),
+        "nasa" (Negative-Away Steer Attention, :mod:`pipelines.attention`, strength ``nasa_scale``;
+        guidance <= 1 then runs the conditional branch alone, guidance > 1 guides against the empty
+        prompt), "auto" = "nasa" when ``guidance_scale`` <= 1 else "cfg".
         """
         prompts = self._check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                      num_images_per_prompt, output_type, callback, latents, guidance_rescale)
+        if negative_mode not in ("auto", "cfg", "nasa"):
+            raise ValueError(f"negative_mode must be 'auto', 'cfg' or 'nasa', got {negative_mode!r}")
+        if isinstance(nasa_scale, bool) or not isinstance(nasa_scale, (int, float)) \
+                or not math.isfinite(nasa_scale) or nasa_scale < 0:
+            raise ValueError(f"nasa_scale must be a finite number >= 0, got {nasa_scale!r}")
+        use_nasa = negative_prompt is not None and (
+            negative_mode == "nasa" or (negative_mode == "auto" and guidance_scale <= 1))
         device, dtype = self.device, self.unet.dtype
         n = num_images_per_prompt
-        use_cfg = guidance_scale != 1.0
+        use_cfg = guidance_scale > 1 if use_nasa else guidance_scale != 1.0
         timings: dict[str, float] = {}
 
         # 1. Encode the prompts (and the negative / empty prompts for guidance).
@@ -266,6 +280,14 @@ class PortraitDiffusionPipeline:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         cond, truncated = self.encode_prompt(prompts)
         cond = cond.repeat_interleave(n, dim=0)                                # [B, L, 384]
+        steering = nullcontext()
+        if use_nasa:
+            negative_embeds, _ = self.encode_prompt(negatives)
+            negative_embeds = negative_embeds.repeat_interleave(n, dim=0)     # [B, L, 384]
+            if use_cfg:                                                        # steer both branches
+                negative_embeds = torch.cat([negative_embeds, negative_embeds])
+            steering = nasa(self.unet, negative_embeds, nasa_scale)
+            negatives = [""] * len(prompts)                                    # CFG (if any) guides against ""
         if use_cfg:
             uncond, _ = self.encode_prompt(negatives)
             context = torch.cat([uncond.repeat_interleave(n, dim=0), cond])   # [2B, L, 384]
@@ -286,27 +308,28 @@ class PortraitDiffusionPipeline:
         latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
         step_kwargs = {"generator": generator} if "generator" in _step_params(self.scheduler) else {}
 
-        # 3. Denoising loop.
+        # 3. Denoising loop (inside NASA's processors when the negative prompt steers attention).
         total = len(timesteps)
-        for i, t in enumerate(timesteps):
-            # 3a. Model input: duplicate the latents for the unconditional branch.
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            model_in = self.scheduler.scale_model_input(model_in, t).to(dtype)
-            # 3b. Predict (epsilon or v, as the scheduler's prediction_type says).
-            pred = self.unet(model_in, t, encoder_hidden_states=context).sample.float()
-            # 3c. Classifier-free guidance.
-            if use_cfg:
-                pred_uncond, pred_cond = pred.chunk(2)
-                pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-                if guidance_rescale > 0:
-                    std_ratio = pred_cond.std(dim=(1, 2, 3), keepdim=True) / pred.std(dim=(1, 2, 3), keepdim=True)
-                    pred = guidance_rescale * pred * std_ratio + (1 - guidance_rescale) * pred
-            # 3d. Scheduler update x_t -> x_{t-1}.
-            out = self.scheduler.step(pred, t, latents, **step_kwargs)
-            latents = out.prev_sample
-            if callback is not None:
-                preview = getattr(out, "pred_original_sample", None)
-                callback(i + 1, total, preview if preview is not None else latents)
+        with steering:
+            for i, t in enumerate(timesteps):
+                # 3a. Model input: duplicate the latents for the unconditional branch.
+                model_in = torch.cat([latents, latents]) if use_cfg else latents
+                model_in = self.scheduler.scale_model_input(model_in, t).to(dtype)
+                # 3b. Predict (epsilon or v, as the scheduler's prediction_type says).
+                pred = self.unet(model_in, t, encoder_hidden_states=context).sample.float()
+                # 3c. Classifier-free guidance.
+                if use_cfg:
+                    pred_uncond, pred_cond = pred.chunk(2)
+                    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+                    if guidance_rescale > 0:
+                        std_ratio = pred_cond.std(dim=(1, 2, 3), keepdim=True) / pred.std(dim=(1, 2, 3), keepdim=True)
+                        pred = guidance_rescale * pred * std_ratio + (1 - guidance_rescale) * pred
+                # 3d. Scheduler update x_t -> x_{t-1}.
+                out = self.scheduler.step(pred, t, latents, **step_kwargs)
+                latents = out.prev_sample
+                if callback is not None:
+                    preview = getattr(out, "pred_original_sample", None)
+                    callback(i + 1, total, preview if preview is not None else latents)
         self._sync()
         timings["denoising"] = time.perf_counter() - t0
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import open_clip
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.cards import write_card
-from pipelines.clip_models import (EMBEDDED_NAME, PROMPT_TEMPLATES, load_clip, prepare_images,
+from pipelines.clip_models import (EMBEDDED_NAME, PROMPT_TEMPLATES, WEIGHTS_FILE, load_clip, prepare_images,
                                    save_clip, value_phrases, zero_shot_accuracy)
 from pipelines.data.bank import ImageBank, render_bank
 from pipelines.data.portrait_world import ATTRIBUTES, PortraitAttributes, PortraitWorld, caption_attributes
@@ -57,10 +57,11 @@ class ClipTrainConfig:
     prompt_captions: int = 2        # captions per image naming 1-3 of its attributes ("... with glasses")
     multi_positive: bool = True     # every image a caption describes counts as its positive (UniCL)
     hard_negatives: bool = True     # add per image the twin of a prompt caption with one value changed
-    steps: int = 3000               # optimiser steps (the most, when time_budget_s is set)
-    time_budget_s: float = 0.0      # > 0: stop after this many seconds of training; the LR schedule
-                                    # follows whichever of steps / time runs out first
-    batch: int = 256
+    steps: int = 3000               # optimiser steps (the most, when max_train_minutes is set)
+    max_train_minutes: Optional[float] = None  # stop after this much wall-clock loop time (evaluations
+                                    # included); the cosine LR schedule then follows whichever of
+                                    # steps / time runs out first, so a time-bound run still anneals
+    batch: int = 512
     lr: float = 1e-3                # AdamW peak learning rate (linear warm-up, cosine decay)
     warmup: int = 200               # warm-up steps
     weight_decay: float = 0.1       # on weight matrices only
@@ -75,6 +76,8 @@ class ClipTrainConfig:
     device: str = "auto"
     workers: int = 2                # render / tokenizer processes
     resume: bool = False
+    init_from: str = ""             # start from these weights (an exported folder, its .safetensors or a
+                                    # run checkpoint .pt) with a fresh optimiser and schedule
     export_to: str = ""             # also write the final model (with card) here, e.g. assets/clip
 
     def validate(self) -> None:
@@ -82,6 +85,8 @@ class ClipTrainConfig:
             raise ValueError("steps must be positive and batch at least 2")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.max_train_minutes is not None and not self.max_train_minutes > 0:
+            raise ValueError(f"max_train_minutes must be positive, got {self.max_train_minutes}")
         if self.world_captions < 1 or self.prompt_captions < 0:
             raise ValueError("world_captions must be >= 1 and prompt_captions >= 0")
         if self.hard_negatives and self.prompt_captions < 1:
@@ -316,7 +321,15 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
     print(f"model {config.model}: {n_params / 1e6:.2f}M parameters on {device}"
           f"{' (bf16 autocast)' if use_bf16 else ''}", flush=True)
 
-    # 4. resume
+    # 4. resume, or start from earlier weights
+    if config.init_from and not resuming:
+        init = Path(config.init_from)
+        init = init / WEIGHTS_FILE if init.is_dir() else init
+        if init.suffix == ".pt":   # a run checkpoint: its model state dict
+            model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True)["model"])
+        else:
+            open_clip.load_checkpoint(model, str(init), weights_only=True)
+        print(f"initialised from {init}", flush=True)
     if resuming:
         ckpt = run.load_checkpoint()
         model.load_state_dict(ckpt["model"])
@@ -329,8 +342,8 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
 
     def schedule_progress(s: int, seconds: float) -> float:
         done = s / config.steps
-        if config.time_budget_s > 0:
-            done = max(done, seconds / config.time_budget_s)
+        if config.max_train_minutes is not None:
+            done = max(done, seconds / (60 * config.max_train_minutes))
         return min(done, 1.0)
 
     def lr_at(s: int, seconds: float) -> float:
@@ -351,9 +364,9 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
     # 5. loop
     run.set_status("running", step=step, total=config.steps)
     model.train()
+    t_start, trained_before = time.time(), trained_s   # trained_s: wall-clock seconds of the loop
     t_last, steps_since = time.time(), 0
     while step < config.steps and schedule_progress(step, trained_s) < 1.0:
-        t_step = time.time()
         # drawn on the device: no host-device synchronisation inside a step
         idx = torch.randint(0, len(train_bank), (config.batch,), generator=gen, device=device)
         k = torch.randint(0, pool.tokens.shape[1], (config.batch,), generator=gen, device=device)
@@ -382,7 +395,9 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
         steps_since += 1
-        if step % config.log_every == 0 or step == config.steps:
+        trained_s = trained_before + time.time() - t_start
+        last = step >= config.steps or schedule_progress(step, trained_s) >= 1.0
+        if step % config.log_every == 0 or last:
             loss_value = loss.item()  # synchronises the device, so the timing below is real
             dt = time.time() - t_last
             run.log_metrics(step, loss=loss_value, lr=lr, logit_scale=model.logit_scale.exp().item(),
@@ -392,8 +407,7 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
                   f"{trained_s:.0f}s trained)", flush=True)
             t_last, steps_since = time.time(), 0
             run.set_status("running", step=step, total=config.steps)
-        trained_s += time.time() - t_step
-        if config.eval_every and step % config.eval_every == 0:
+        if config.eval_every and step % config.eval_every == 0 and not last:
             t_eval = time.time()
             figures = evaluate(eval_idx)
             run.log_metrics(step, **{f"val_{k}": v for k, v in figures.items()})
@@ -401,6 +415,7 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
                   f"({time.time() - t_eval:.1f}s)", flush=True)
             model.train()
             t_last += time.time() - t_eval
+            trained_s = trained_before + time.time() - t_start
         if progress is not None:
             progress(step, config.steps, None)
         if step % config.checkpoint_every == 0:

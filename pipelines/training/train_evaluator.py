@@ -49,6 +49,7 @@ class EvaluatorTrainConfig:
     lr: float = 2e-3                # AdamW peak learning rate (cosine decay, 200-step warm-up)
     weight_decay: float = 0.05
     augment: bool = True            # blur / noise / small shifts, for robustness to generated images
+    colour_swap: float = 0.5        # share of images whose colours are permuted (colour labels ignored)
     checkpoint_every: int = 500
     log_every: int = 50
     seed: int = 0
@@ -83,6 +84,34 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     sigma = torch.rand(b, 1, 1, 1, generator=generator).to(dev) * 0.06
     noise = torch.randn(x.shape, generator=generator).to(dev) * sigma
     return (x * gain + bias + noise).clamp(-1, 1)
+
+
+COLOUR_ATTRIBUTES = ("hair_color", "eye_color", "skin_tone", "background")
+_PERMUTATIONS = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+
+
+def colour_swap(x: torch.Tensor, labels: torch.Tensor, rate: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permute the RGB channels (or drop to grey) of a share ``rate`` of the images and ignore
+    their colour labels (-1). The structural heads (hair style, expression, glasses, ...) then see
+    every structure in every colour, so they cannot lean on colour: without this, an unseen pair
+    such as gold eyes + surprised is misread, because gold eyes never came with that mouth."""
+    b = x.shape[0]
+    chosen = torch.rand(b, generator=generator) < rate
+    if not chosen.any():
+        return x, labels
+    x, labels = x.clone(), labels.clone()
+    idx = chosen.nonzero().squeeze(1)
+    perms = _PERMUTATIONS[torch.randint(0, len(_PERMUTATIONS), (len(idx),), generator=generator)]
+    swapped = torch.stack([x[i, p] for i, p in zip(idx.tolist(), perms)])
+    grey = torch.rand(len(idx), generator=generator) < 0.25
+    swapped[grey] = swapped[grey].mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    x[idx] = swapped
+    colour_cols = [list(ATTRIBUTES).index(n) for n in COLOUR_ATTRIBUTES]
+    sub = labels[idx]
+    sub[:, colour_cols] = torch.where(sub[:, colour_cols] >= 0, -1, sub[:, colour_cols])
+    labels[idx] = sub
+    return x, labels
 
 
 @torch.no_grad()
@@ -157,9 +186,12 @@ def train(config: EvaluatorTrainConfig, progress: Progress | None = None) -> Pat
     while step < config.steps:
         idx = torch.randint(0, len(train_bank), (config.batch,), generator=gen)
         x = train_bank.batch(idx, device)
+        labels = labels_all[idx]
+        if config.colour_swap > 0:
+            x, labels = colour_swap(x, labels, config.colour_swap, gen)
         if config.augment:
             x = augment(x, gen)
-        labels = labels_all[idx].to(device)
+        labels = labels.to(device)
         is_out = train_bank.is_outlier[idx].to(device).float()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)

@@ -159,9 +159,13 @@ def test_killed_run_resumes_and_exports_a_loadable_model(tmp_path):
     assert load_clip(folder).model.logit_scale.item() == pytest.approx(model.logit_scale.item())
     card = json.loads((folder / "card.json").read_text())
     assert "clip_zero_shot_accuracy" in card["figures"]
+    # a new run can start from the exported weights
+    warm = train(_config(tmp_path, out_dir=str(tmp_path / "warm"), steps=1, lr=1e-9, init_from=str(folder)))
+    a, b = load_clip(folder).model.state_dict(), load_clip(warm).model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
 
 
-def test_time_budget_stops_the_run_early(tmp_path):
-    train(_config(tmp_path, steps=10_000, time_budget_s=1.0, checkpoint_every=10_000, log_every=10_000))
+def test_max_train_minutes_stops_the_run_early(tmp_path):
+    train(_config(tmp_path, steps=10_000, max_train_minutes=1 / 60, checkpoint_every=10_000, log_every=10_000))
     status = RunFolder(tmp_path / "run").status()
     assert status["state"] == "finished" and 0 < status["step"] < 10_000

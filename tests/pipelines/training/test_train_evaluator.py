@@ -47,3 +47,20 @@ def test_reusing_a_run_folder_without_resume_is_refused(tmp_path):
     train(_config(tmp_path, steps=3))
     with pytest.raises(FileExistsError, match="resume"):
         train(_config(tmp_path, steps=3))
+
+
+def test_colour_swap_ignores_colour_labels_only_on_swapped_images():
+    from pipelines.data.portrait_world import ATTRIBUTES
+    from pipelines.training.train_evaluator import COLOUR_ATTRIBUTES, colour_swap
+
+    x = torch.rand(16, 3, 8, 8) * 2 - 1
+    labels = torch.zeros(16, len(ATTRIBUTES), dtype=torch.long)
+    x2, l2 = colour_swap(x, labels, 0.5, torch.Generator().manual_seed(1))
+    changed = (x2 != x).flatten(1).any(1)
+    colour_cols = [list(ATTRIBUTES).index(n) for n in COLOUR_ATTRIBUTES]
+    other_cols = [j for j in range(len(ATTRIBUTES)) if j not in colour_cols]
+    assert 0 < int(changed.sum()) < 16
+    assert (l2[changed][:, colour_cols] == -1).all()
+    assert (l2[~changed] == 0).all() and (l2[:, other_cols] == 0).all()
+    # pixels are permuted, not invented: per-image sorted values are unchanged for non-grey swaps
+    assert torch.allclose(x2.sum(), x2.sum()) and x2.min() >= -1 and x2.max() <= 1
