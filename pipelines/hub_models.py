@@ -280,7 +280,9 @@ def load_text_to_image(source: str | os.PathLike[str], *, device: torch.device |
         unet = diffusers.UNet2DConditionModel.from_config(
             diffusers.UNet2DConditionModel.load_config(folder / "unet"))
         _load_unet_weights(unet, file)
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, unet=unet.to(dtype), dtype=dtype)
+        if dtype != torch.float32:
+            unet.to(dtype)
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, unet=unet, dtype=dtype)
         pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
     else:  # lcm-lora
         file = _resolve_file(lora_weights) if lora_weights else _lora_file(folder)

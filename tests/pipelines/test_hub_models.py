@@ -160,7 +160,7 @@ def test_dmd2_unet_weights_swapped_into_sdxl_base(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     base = tmp_path / "sdxl-base"
-    save_sdxl(base, diffusers.EulerDiscreteScheduler(num_train_timesteps=1000))       # leading spacing
+    save_sdxl(base, diffusers.EulerDiscreteScheduler(num_train_timesteps=1000, steps_offset=1))       # leading spacing
     with pytest.raises(UnsupportedModelError, match="base SDXL"):
         detect_family(base)
     student = tiny_sdxl_unet(seed=1)
@@ -202,7 +202,7 @@ def test_dmd2_weights_that_do_not_fit_are_refused(tmp_path):
 
 # -- LCM-LoRA -----------------------------------------------------------------------------------
 def test_lcm_lora_detection_and_loading(tmp_path):
-    save_sd(tmp_path, diffusers.PNDMScheduler(num_train_timesteps=1000, skip_prk_steps=True))
+    save_sd(tmp_path, diffusers.PNDMScheduler(num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1))
     with pytest.raises(UnsupportedModelError, match="LCM-LoRA"):
         detect_family(tmp_path)
     try:
