@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import time
-from pathlib import Path
 
 import open_clip
 import pytest
