@@ -227,7 +227,7 @@ def train(config: EvaluatorTrainConfig, progress: Progress | None = None) -> Pat
     for folder in targets:
         evaluator.save_pretrained(folder, fp16=True)
         write_card(folder, title="Portrait-world evaluator", task="attribute classification, outlier "
-                   "detection and features for FD-world", architecture=f"residual CNN, GroupNorm, "
+                   "detection and features for FD-world", architecture=f"CNN (stride-2 stem, three conv stages, GroupNorm), "
                    f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
                    f"{config.resolution} px input", source=f"training run {config.out_dir}",
                    command=command, config=config_to_dict(config),
