@@ -21,6 +21,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:1, mps or cpu")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="how many heavy (model) events run at once on the device")
+    parser.add_argument("--model", action="append", default=[], metavar="FOLDER",
+                        help="also serve this local model folder (diffusers, open_clip, StyleGAN2 "
+                             "folder or .pkl); repeatable")
+    parser.add_argument("--hub-model", action="append", default=[], metavar="REPO_ID",
+                        help="also offer this hub text-to-image model (needs a network or the local "
+                             "Hugging Face cache); repeatable")
+    parser.add_argument("--runs-dir", default="runs", help="finished training runs found here are served too")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be 1-65535, got {args.port}")
@@ -44,10 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from studio import build_app  # imported late: argument errors answer at once
+    from studio.registry import add_hub, add_local, default_registry
 
     try:
-        demo = build_app(device=args.device)
-    except ValueError as exc:  # e.g. --device cuda on a machine without one
+        registry = default_registry(args.device, runs_dir=args.runs_dir)
+        for folder in args.model:
+            add_local(registry, folder)
+        for repo_id in args.hub_model:
+            add_hub(registry, repo_id)
+        demo = build_app(registry=registry)
+    except ValueError as exc:  # --device cuda without one, a folder that is not a model, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"Distillation Studio on {demo.registry.device}; open http://{args.host}:{args.port}", flush=True)

@@ -21,9 +21,11 @@ def on_spaces() -> bool:
     return bool(os.environ.get("SPACE_ID"))
 
 
-def build_app(*, device: str | None = None, registry: ModelRegistry | None = None) -> gr.Blocks:
-    """The studio's Blocks. ``device``: "auto"/None (CUDA, then MPS, then CPU), "cuda", "cpu", ..."""
-    registry = registry or default_registry(device)
+def build_app(*, device: str | None = None, registry: ModelRegistry | None = None,
+              runs_dir: str | None = "runs") -> gr.Blocks:
+    """The studio's Blocks. ``device``: "auto"/None (CUDA, then MPS, then CPU), "cuda", "cpu", ...;
+    finished runs in ``runs_dir`` join the embedded models in the registry."""
+    registry = registry or default_registry(device, runs_dir=runs_dir)
     with gr.Blocks(title="Distillation Studio", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         gr.Markdown(f"<small>Device: **{registry.device}** · precision: **{str(registry.dtype).removeprefix('torch.')}**</small>")

@@ -32,3 +32,12 @@ def test_bad_device_is_a_message_not_a_traceback(capsys):
 def test_args_defaults():
     args = app.parse_args([])
     assert args.port == 7860 and args.device == "auto" and not args.share
+
+
+def test_a_folder_that_is_not_a_model_is_refused_with_a_message(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = app.main(["--port", str(port), "--device", "cpu", "--model", str(tmp_path)])
+    assert code == 2
+    assert "not a model folder" in capsys.readouterr().err
