@@ -18,7 +18,6 @@ from studio.validation import MAX_SEED, parse_seed
 
 RANDOM = "random"
 
-
 _world = PortraitWorld()
 
 
@@ -38,7 +37,11 @@ def render_portrait(choices: dict[str, str], seed_text: str, size: int, sketch_f
                     registry: ModelRegistry | None = None) -> dict[str, Any]:
     """Everything the tab shows for one portrait. Raises ValueError with a readable message."""
     seed = parse_seed(seed_text)
-    size = int(size)
+    try:
+        size = int(size)
+    except (TypeError, ValueError):
+        raise ValueError(f"the resolution must be a whole number of pixels from {PortraitWorld.MIN_SIZE} "
+                         f"to {PortraitWorld.MAX_SIZE}, not {size!r}") from None
     attrs = resolve_attributes(choices, seed)
     portrait = _world.render(attrs, seed=seed, size=size)
     sketch = _world.render_sketch(portrait.strokes, size=size, fraction=float(sketch_fraction))

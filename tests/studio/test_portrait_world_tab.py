@@ -36,6 +36,7 @@ def test_partial_sketch_follows_the_progress_slider():
     (ALL_RANDOM, "twelve", 128, "whole number"),
     (ALL_RANDOM, "-3", 128, "between 0 and"),
     (ALL_RANDOM, "1", 1024, "512"),
+    (ALL_RANDOM, "1", "big", "whole number of pixels"),
 ])
 def test_bad_input_is_a_readable_value_error(choices, seed, size, fragment):
     with pytest.raises(ValueError, match=fragment):
