@@ -27,7 +27,6 @@ Negative prompts on the UNet families follow the embedded pipeline: classifier-f
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -40,7 +39,7 @@ import torch
 
 from pipelines.attention import nasa
 from pipelines.device import default_dtype, select_device
-from pipelines.text_to_image import TextToImageOutput
+from pipelines.text_to_image import TextToImageOutput, check_negative_mode, check_prompt_inputs
 
 __all__ = [
     "FAMILIES",
@@ -384,35 +383,17 @@ class HubTextToImage:
 
     def _check(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
                output_type, negative_mode, nasa_scale) -> list[str]:
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)
-        else:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        if negative_prompt is not None:
-            if not self.defaults.negative_prompts:
-                raise ValueError(f"{self.family} takes no negative prompt (it has no unconditional branch)")
-            if isinstance(negative_prompt, (list, tuple)):
-                if len(negative_prompt) != len(prompts) or not all(isinstance(p, str) for p in negative_prompt):
-                    raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings")
-            elif not isinstance(negative_prompt, str):
-                raise ValueError("negative_prompt must be a string, a list of strings, or None")
+        prompts = check_prompt_inputs(prompt=prompt, negative_prompt=negative_prompt,
+                                      guidance_scale=guidance_scale,
+                                      num_images_per_prompt=num_images_per_prompt)
+        if negative_prompt is not None and not self.defaults.negative_prompts:
+            raise ValueError(f"{self.family} takes no negative prompt (it has no unconditional branch)")
         if num_inference_steps not in self.defaults.allowed_steps or isinstance(num_inference_steps, bool):
             raise ValueError(f"{self.family} runs {list(self.defaults.allowed_steps)} steps, "
                              f"got num_inference_steps={num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        if negative_mode not in ("auto", "cfg", "nasa"):
-            raise ValueError(f"negative_mode must be 'auto', 'cfg' or 'nasa', got {negative_mode!r}")
-        if isinstance(nasa_scale, bool) or not isinstance(nasa_scale, (int, float)) \
-                or not math.isfinite(nasa_scale) or nasa_scale < 0:
-            raise ValueError(f"nasa_scale must be a finite number >= 0, got {nasa_scale!r}")
+        check_negative_mode(negative_mode, nasa_scale)
         if negative_prompt is not None and negative_mode == "cfg" and guidance_scale <= 1:
             raise ValueError("negative_mode='cfg' needs guidance_scale > 1 (no unconditional branch otherwise); "
                              "use negative_mode='nasa' or 'auto'")

@@ -61,6 +61,41 @@ class TextToImageOutput:
     truncated: list[bool]                     # per prompt: longer than the text encoder's max_length
 
 
+
+def check_prompt_inputs(*, prompt: Any, negative_prompt: Any, guidance_scale: Any,
+                        num_images_per_prompt: Any) -> list[str]:
+    """Validate the arguments every text-to-image pipeline shares; returns the prompts as a list."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    if negative_prompt is not None:
+        if isinstance(negative_prompt, (list, tuple)):
+            if len(negative_prompt) != len(prompts) or not all(isinstance(p, str) for p in negative_prompt):
+                raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings "
+                                 "(one per prompt)")
+        elif not isinstance(negative_prompt, str):
+            raise ValueError("negative_prompt must be a string, a list of strings, or None")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+            or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+    return prompts
+
+
+def check_negative_mode(negative_mode: Any, nasa_scale: Any) -> None:
+    """Validate where a negative prompt goes ("auto", "cfg", "nasa") and NASA's strength."""
+    if negative_mode not in ("auto", "cfg", "nasa"):
+        raise ValueError(f"negative_mode must be 'auto', 'cfg' or 'nasa', got {negative_mode!r}")
+    if isinstance(nasa_scale, bool) or not isinstance(nasa_scale, (int, float)) \
+            or not math.isfinite(nasa_scale) or nasa_scale < 0:
+        raise ValueError(f"nasa_scale must be a finite number >= 0, got {nasa_scale!r}")
+
+
 class PortraitDiffusionPipeline:
     """Latent text-to-image diffusion teacher of the portrait world.
 
@@ -195,31 +230,16 @@ class PortraitDiffusionPipeline:
     # -- sampling ---------------------------------------------------------------------------
     def _check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale,
                       num_images_per_prompt, output_type, callback, latents, guidance_rescale) -> list[str]:
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)
-        else:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        if negative_prompt is not None:
-            if isinstance(negative_prompt, (list, tuple)):
-                if len(negative_prompt) != len(prompts) or not all(isinstance(p, str) for p in negative_prompt):
-                    raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings "
-                                     "(one per prompt)")
-            elif not isinstance(negative_prompt, str):
-                raise ValueError("negative_prompt must be a string, a list of strings, or None")
+        prompts = check_prompt_inputs(prompt=prompt, negative_prompt=negative_prompt,
+                                      guidance_scale=guidance_scale,
+                                      num_images_per_prompt=num_images_per_prompt)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
         max_steps = min(1000, int(self.scheduler.config.num_train_timesteps))
         if not 1 <= num_inference_steps <= max_steps:
             raise ValueError(f"num_inference_steps must be between 1 and {max_steps}, got {num_inference_steps}")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
         if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         batch = len(prompts) * num_images_per_prompt
         if batch > self.max_batch_size:
             raise ValueError(f"{len(prompts)} prompt(s) x {num_images_per_prompt} image(s) = {batch} images; "
@@ -260,11 +280,7 @@ class PortraitDiffusionPipeline:
         """
         prompts = self._check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                      num_images_per_prompt, output_type, callback, latents, guidance_rescale)
-        if negative_mode not in ("auto", "cfg", "nasa"):
-            raise ValueError(f"negative_mode must be 'auto', 'cfg' or 'nasa', got {negative_mode!r}")
-        if isinstance(nasa_scale, bool) or not isinstance(nasa_scale, (int, float)) \
-                or not math.isfinite(nasa_scale) or nasa_scale < 0:
-            raise ValueError(f"nasa_scale must be a finite number >= 0, got {nasa_scale!r}")
+        check_negative_mode(negative_mode, nasa_scale)
         use_nasa = negative_prompt is not None and (
             negative_mode == "nasa" or (negative_mode == "auto" and guidance_scale <= 1))
         device, dtype = self.device, self.unet.dtype
