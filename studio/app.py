@@ -7,7 +7,7 @@ import os
 import gradio as gr
 
 from studio.registry import GPU_QUEUE, ModelRegistry, default_registry
-from studio.tabs import portrait_world
+from studio.tabs import portrait_world, stylegan_edit
 
 __all__ = ["build_app", "GPU_QUEUE", "on_spaces"]
 
@@ -29,7 +29,11 @@ def build_app(*, device: str | None = None, registry: ModelRegistry | None = Non
     with gr.Blocks(title="Distillation Studio", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         gr.Markdown(f"<small>Device: **{registry.device}** · precision: **{str(registry.dtype).removeprefix('torch.')}**</small>")
-        with gr.Tabs():
-            portrait_world.build(registry, demo)
+        with gr.Tabs() as tabs:
+            world = portrait_world.build(registry, demo)
+            stylegan = stylegan_edit.build(registry, demo, runs_dir=runs_dir)
+        # Hand-offs between tabs: the portrait goes to StyleGAN edit, which inverts it.
+        world["send"].click(lambda image: (image, gr.Tabs(selected="stylegan_edit")), world["image"],
+                            [stylegan["receive"], tabs], api_name=False)
     demo.registry = registry  # for tests and for app.py's start-up message
     return demo

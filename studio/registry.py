@@ -187,13 +187,22 @@ def add_finished_runs(registry: ModelRegistry, runs_dir: str | Path = "runs") ->
     return added
 
 
+# (folder in assets/, name in the UI, what it is)
+EMBEDDED: tuple[tuple[str, str, str], ...] = (
+    ("evaluator", "Portrait-world evaluator (embedded)", "reads every attribute of a portrait"),
+    ("stylegan2_portraits64", "Portrait StyleGAN2-ADA 64 px (embedded)",
+     "the studio's own StyleGAN2-ADA, trained on the portrait world after self-filtering"),
+)
+
+
 def default_registry(device: str | torch.device | None = None, *, runs_dir: str | Path | None = None) -> ModelRegistry:
     """A registry holding the embedded models in ``assets/`` and, if given, finished runs."""
     registry = ModelRegistry(device)
-    for folder, name in ((ASSETS_DIR / "evaluator", "Portrait-world evaluator (embedded)"),):
+    for folder, name, description in EMBEDDED:
+        folder = ASSETS_DIR / folder
         if folder.exists():
             spec = add_local(registry, folder, name=name, source="embedded")
-            spec.description = "reads every attribute of a portrait"
+            spec.description = description
     if runs_dir is not None and Path(runs_dir).exists():
         add_finished_runs(registry, runs_dir)
     return registry

@@ -66,6 +66,7 @@ class StyleGAN2TrainConfig:
     bank_size: int = 20000  # images rendered into the bank
     outlier_rate: float = 0.0  # fraction of outlier (non-portrait) images mixed into the bank
     exclude_file: Optional[str] = None  # JSON list of bank indices to drop (self-filtering retrain)
+    init_from: Optional[str] = None  # a run folder or checkpoint whose G / D / G_ema / p start this run (fine-tune)
     bank_cache: Optional[str] = None  # .npz cache of the bank; None = <out_dir>/bank.npz, 'none' off
     workers: Optional[int] = None  # render processes; None = all CPU cores
 
@@ -178,6 +179,8 @@ def validate_config(config: StyleGAN2TrainConfig) -> StyleGAN2TrainConfig:
         raise ValueError(f"max_train_minutes must be positive, got {c.max_train_minutes}")
     if c.precision not in ("fp32", "fp16"):
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {c.precision!r}")
+    if c.init_from is not None and not Path(c.init_from).exists():
+        raise ValueError(f"init_from {c.init_from!r} does not exist")
     if c.exclude_file is not None and not Path(c.exclude_file).is_file():
         raise ValueError(f"exclude_file {c.exclude_file!r} does not exist")
     if c.r1_gamma is None:
@@ -380,6 +383,18 @@ def train(config: StyleGAN2TrainConfig, progress: ProgressCallback | None = None
             run.truncate_metrics(step)
             print(f"resumed from {run.latest_checkpoint().name} (step {step}, p {float(augment_pipe.p):.3f})",
                   flush=True)
+        elif config.init_from is not None:
+            # Fine-tune: weights and the augmentation strength come from another run; optimisers,
+            # step count and RNG start fresh (the self-filtering retrain, Mokady et al. 2022).
+            source = Path(config.init_from)
+            ckpt = (runs.RunFolder(source).load_checkpoint() if source.is_dir()
+                    else torch.load(source, map_location="cpu", weights_only=True))
+            for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (augment_pipe, "augment")):
+                try:
+                    module.load_state_dict(ckpt[key])
+                except (KeyError, RuntimeError) as exc:
+                    raise ValueError(f"init_from {source} does not fit this config ({key}): {exc}") from exc
+            print(f"initialised from {source} (its step {int(ckpt['step'])})", flush=True)
         sample_z = torch.randn([config.num_samples, config.z_dim],
                                generator=torch.Generator().manual_seed(config.seed)).to(device)
 

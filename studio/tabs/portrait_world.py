@@ -73,8 +73,9 @@ def _bundle(result: dict[str, Any]) -> str:
     return str(archive)
 
 
-def build(registry: ModelRegistry, demo: gr.Blocks) -> None:
-    """Add the Portrait world tab to ``demo`` (the Blocks being built)."""
+def build(registry: ModelRegistry, demo: gr.Blocks) -> dict[str, Any]:
+    """Add the Portrait world tab to ``demo`` (the Blocks being built); returns the components
+    other tabs wire to (``image``, the portrait, and ``send``, its "edit in StyleGAN" button)."""
     with gr.Tab("Portrait world", id="portrait_world"):
         gr.Markdown("The embedded data set every model of the studio learns from: a procedural "
                     "renderer of anime portraits with exact labels, line art and captions.")
@@ -103,6 +104,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks) -> None:
                 with gr.Row():
                     reading = gr.JSON(label="What the evaluator reads", elem_id="world_reading")
                     download = gr.File(label="Download (image, line art, sketch, caption, labels)")
+                send = gr.Button("Edit this portrait in StyleGAN edit", elem_id="world_send_stylegan")
 
         names = list(ATTRIBUTES)
 
@@ -125,3 +127,4 @@ def build(registry: ModelRegistry, demo: gr.Blocks) -> None:
         randomise.click(lambda: str(secrets.randbelow(MAX_SEED + 1)), None, seed, api_name=False).then(
             on_render, inputs, outputs, api_name=False, concurrency_id=GPU_QUEUE)
         demo.load(on_render, inputs, outputs, api_name=False, concurrency_id=GPU_QUEUE)
+    return {"image": image, "send": send}
