@@ -72,6 +72,10 @@ class EncoderTrainConfig:
     w_avg_samples: int = 10000  # z samples for w_avg and the spread of W
     pool_size: int = 0  # 0 = fresh generator images every step; N = render N (w+, image) pairs once and
     #                     sample batches from them (a CPU saver: the generator runs N times in all)
+    real_images: int = 0  # N > 0: also train on N portrait-world renders (image losses only, as e4e
+    #                       trains on real photos), so the encoder fits the world and not only G's images
+    real_every: int = 2  # every N-th step takes a real batch (when real_images > 0)
+    real_seed: int = 3_000_000  # bank seed of the real images (distinct from the benchmark's held-out seeds)
 
     # length and optimiser
     steps: int = 3000
@@ -100,6 +104,8 @@ class EncoderTrainConfig:
     def validate(self) -> None:
         if self.pool_size < 0:
             raise ValueError(f"pool_size must be >= 0, got {self.pool_size}")
+        if self.real_images < 0 or self.real_every < 1:
+            raise ValueError(f"real_images must be >= 0 and real_every >= 1, got {self.real_images}, {self.real_every}")
         for name in ("steps", "batch", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
                      "num_samples", "eval_images", "w_avg_samples", "channel_base", "channel_max"):
             if getattr(self, name) <= 0:
@@ -144,12 +150,12 @@ def sample_training_latents(G: Generator, batch: int, w_avg: torch.Tensor, *, tr
     return w1
 
 
-def _losses(encoder: StyleGANEncoder, G: Generator, targets: torch.Tensor, w_true: torch.Tensor,
+def _losses(encoder: StyleGANEncoder, G: Generator, targets: torch.Tensor, w_true: torch.Tensor | None,
             perceptual: EvaluatorPerceptualLoss | None, config: EncoderTrainConfig, w_var: float, w_std: float,
             num_offsets: int | None, image_terms: bool) -> dict[str, torch.Tensor]:
     """The loss terms of one batch (means over the batch)."""
     w_hat, deltas = encoder(targets, num_offsets=num_offsets, return_deltas=True)
-    terms = {"latent": (w_hat - w_true).square().mean() / w_var,
+    terms = {"latent": (w_hat - w_true).square().mean() / w_var if w_true is not None else w_hat.new_zeros([]),
              "delta": deltas.norm(dim=-1).sum(1).mean() / w_std if deltas.shape[1] else w_hat.new_zeros([])}
     if image_terms:
         recon = synthesize(G, w_hat)
@@ -216,6 +222,13 @@ def train(config: EncoderTrainConfig, progress: Progress | None = None) -> Path:
             pool_w = torch.cat([p[0] for p in parts])
             pool_images = torch.cat([p[1] for p in parts])
             print(f"rendered a pool of {config.pool_size} training images", flush=True)
+        real = None
+        if config.real_images > 0:  # world renders the generator never produced: image losses only
+            from pipelines.data.bank import render_bank
+            bank = render_bank(config.real_images, size=G.img_resolution, seed=config.real_seed, split="train",
+                               cache=Path(config.out_dir) / "real_bank.npz")
+            real = bank.images.to(device)
+            print(f"{len(real)} portrait-world renders join the training (every {config.real_every} steps)", flush=True)
         n_params = sum(p.numel() for p in encoder.parameters())
         print(f"encoder: {n_params / 1e6:.2f} M parameters, input {encoder.input_resolution} px", flush=True)
 
@@ -248,7 +261,11 @@ def train(config: EncoderTrainConfig, progress: Progress | None = None) -> Path:
         time_up = False
         while step < config.steps and not time_up:
             # 5a. Targets: the generator's own images of varied latents (random noise, for robustness).
-            if pool_w is not None:
+            use_real = real is not None and step % config.real_every == config.real_every - 1
+            if use_real:
+                idx = torch.randint(0, real.shape[0], [config.batch], generator=gen, device=device)
+                w_true, targets = None, real[idx].float().div(127.5).sub(1.0)
+            elif pool_w is not None:
                 idx = torch.randint(0, pool_w.shape[0], [config.batch], generator=gen, device=device)
                 w_true, targets = pool_w[idx], pool_images[idx]
             else:
@@ -257,7 +274,7 @@ def train(config: EncoderTrainConfig, progress: Progress | None = None) -> Path:
                                                      style_mixing=config.style_mixing, generator=gen)
                     targets = G.synthesis(w_true, noise_mode="random", generator=gen)
             num_offsets = step // config.progressive_every if config.progressive_every > 0 else None
-            image_terms = config.image_loss_every > 0 and step % config.image_loss_every == 0
+            image_terms = use_real or (config.image_loss_every > 0 and step % config.image_loss_every == 0)
 
             # 5b. Loss and update.
             terms = _losses(encoder, G, targets, w_true, perceptual, config, w_var, w_std, num_offsets, image_terms)

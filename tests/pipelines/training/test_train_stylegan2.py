@@ -269,3 +269,30 @@ def test_time_limit_stops_early_and_still_exports(tmp_path: Path, bank_cache: st
     assert status["state"] == "finished" and status["time_limit_hit"] and 0 < status["step"] < 10_000
     assert (out / "model.safetensors").is_file()
     assert RunFolder(tmp_path).latest_checkpoint().name == f"step_{status['step']:07d}.pt"
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path: Path, bank_cache: str) -> None:
+    """The self-filtering retrain: weights and p from the raw run, fresh step count and optimisers."""
+    raw = tmp_path / "raw"
+    train(tiny_config(raw, bank_cache, total_steps=4))
+    source = RunFolder(raw).load_checkpoint()
+    exclude = tmp_path / "exclude.json"
+    exclude.write_text("[0, 1, 2]")
+    retrain = tmp_path / "retrain"
+    cfg = tiny_config(retrain, bank_cache, total_steps=2, init_from=str(raw), exclude_file=str(exclude),
+                      lr_g=1e-12, lr_d=1e-12, log_every=1)
+    train(cfg)
+    assert metric_steps(retrain) == [1, 2]
+    after = RunFolder(retrain).load_checkpoint()
+    assert int(after["step"]) == 2
+    # with a vanishing learning rate the weights stay those of the source run (w_avg, a running
+    # mean of the mapping outputs, keeps moving)
+    for name, tensor in source["G"].items():
+        if name.endswith("w_avg"):
+            continue
+        assert torch.allclose(tensor, after["G"][name], atol=1e-6), name
+    with pytest.raises(ValueError, match="init_from"):
+        validate_config(tiny_config(tmp_path / "x", bank_cache, init_from=str(tmp_path / "missing")))
+    wrong = tiny_config(tmp_path / "wrong", bank_cache, total_steps=1, init_from=str(raw), channel_max=16)
+    with pytest.raises(ValueError, match="does not fit"):
+        train(wrong)

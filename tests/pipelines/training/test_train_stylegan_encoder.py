@@ -89,3 +89,16 @@ def test_pool_mode_renders_once_and_trains(tmp_path, assets):
     assert load_encoder(folder).num_ws == 6
     with pytest.raises(ValueError, match="pool_size"):
         train(_config(tmp_path / "b", assets, pool_size=-1))
+
+
+def test_real_world_images_join_with_image_losses_only(tmp_path, assets):
+    folder = train(_config(tmp_path, assets, steps=6, real_images=16, real_every=2, image_loss_every=0,
+                           log_every=1, checkpoint_every=100, sample_every=100))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    per_step = {r["step"]: r for r in rows if "latent" in r}
+    # odd steps (2, 4, 6 counted from 1) are real batches: no latent target, image terms only
+    assert per_step[2]["latent"] == 0 and "pixel" in per_step[2]
+    assert per_step[1]["latent"] > 0 and "pixel" not in per_step[1]
+    assert (tmp_path / "run" / "real_bank.npz").is_file() and (folder / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="real_images"):
+        _config(tmp_path, assets, real_images=-1).validate()

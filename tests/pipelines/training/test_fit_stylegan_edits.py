@@ -1,0 +1,68 @@
+"""Fitting edit directions and truncation modes for a generator, and self-filtering a bank."""
+
+import json
+
+import pytest
+import torch
+
+from models.evaluator import AttributeEvaluator
+from models.stylegan2 import Generator
+from pipelines.data.portrait_world import ATTRIBUTES
+from pipelines.evaluation import Evaluator
+from pipelines.stylegan_editing import MultiModalTruncation, load_directions
+from pipelines.stylegan_io import save_generator
+from pipelines.training.fit_stylegan_edits import FitEditsConfig, fit
+from pipelines.training.self_filter import SelfFilterConfig, filter_report, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edits")
+    torch.manual_seed(0)
+    G = Generator(z_dim=16, c_dim=0, w_dim=16, img_resolution=16, img_channels=3, mapping_kwargs={"num_layers": 2},
+                  synthesis_kwargs={"channel_base": 256, "channel_max": 16})
+    save_generator(G, root / "G")
+    torch.manual_seed(1)
+    # every attribute of the world, so the fit sees real attribute names; random weights read random values
+    Evaluator(AttributeEvaluator([(k, len(v)) for k, v in ATTRIBUTES.items()], resolution=16, width=8,
+                                 feature_dim=16)).save_pretrained(root / "ev", fp16=False)
+    return root
+
+
+def test_fit_writes_directions_modes_and_a_summary(assets):
+    cfg = FitEditsConfig(generator=str(assets / "G"), evaluator=str(assets / "ev"), device="cpu", num_samples=300,
+                         min_samples=5, k=4, mode_samples=100)
+    out = fit(cfg, command="python -m pipelines.training.fit_stylegan_edits ...")
+    directions = load_directions(out / "directions")
+    assert directions, "no direction was fitted"
+    for key, d in directions.items():
+        attr, value = key.split("=")
+        assert value in ATTRIBUTES[attr]
+        assert abs(float(d.vector.norm()) - 1) < 1e-4 and d.kind == "interfacegan"
+    modes = MultiModalTruncation.load(out / "modes")
+    assert modes.k == 4 and int(modes.sizes.sum()) == 100
+    summary = json.loads((out / "edits.json").read_text())
+    assert summary["command"].startswith("python -m pipelines.training.fit_stylegan_edits")
+    assert set(summary["directions"]) == set(directions)
+    with pytest.raises(ValueError, match="k"):
+        fit(FitEditsConfig(generator=str(assets / "G"), evaluator=str(assets / "ev"), k=200, mode_samples=100))
+
+
+def test_filter_report_counts_precision_and_recall():
+    scores = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.3, 0.7, 0.0, 0.05, 0.15, 0.25])
+    truth = torch.tensor([1, 0, 1, 0, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
+    rep = filter_report(scores, truth, rate=0.3)  # drops 0.9, 0.8, 0.7: two of three outliers
+    assert rep["dropped"] == 3 and rep["precision"] == pytest.approx(2 / 3) and rep["recall"] == pytest.approx(2 / 3)
+
+
+def test_self_filter_script_writes_an_exclude_list_and_a_report(assets, tmp_path):
+    cfg = SelfFilterConfig(generator=str(assets / "G"), evaluator=str(assets / "ev"), out=str(tmp_path / "sf"),
+                           device="cpu", bank_size=40, outlier_rate=0.25, steps=2, rate=0.25, batch_size=20,
+                           workers=1, bank_cache=str(tmp_path / "bank.npz"))
+    report = run(cfg, command="python -m pipelines.training.self_filter ...")
+    excluded = json.loads((tmp_path / "sf" / "exclude.json").read_text())
+    assert len(excluded) == 10 and all(0 <= i < 40 for i in excluded) and excluded == sorted(excluded)
+    assert report["combined"]["outliers"] == report["reconstruction_only"]["outliers"] > 0
+    assert json.loads((tmp_path / "sf" / "report.json").read_text())["combined"] == report["combined"]
