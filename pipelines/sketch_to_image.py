@@ -1,0 +1,297 @@
+"""Sketch to portrait: a sketch encoder (AniFaceDrawing's student) into W+, then a StyleGAN2 generator.
+
+Huang et al. 2023, "AniFaceDrawing: Anime Portrait Exploration during Your Sketching". The sketch
+decides the leading ws (structure: face, hair style, eyes, glasses, accessories); the ws after
+``mix_from_layer`` (colour and fine style) come from a colour seed (a mapped z per candidate) or
+from a reference (a W+ code, or an image inverted by an optional image encoder). Each stroke is one
+encoder pass and one synthesis pass.
+
+The sketch encoder is trained by ``python -m pipelines.training.train_sketch_encoder``; it is saved
+as ``model.safetensors`` + ``config.json`` (:func:`save_sketch_encoder`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.stylegan2 import Generator
+from models.stylegan2.encoder import StyleGANEncoder
+from models.stylegan2.sketch_encoder import SketchEncoder
+from pipelines.sketch_data import EMPTY_NOTE, is_empty_sketch, to_sketch
+from pipelines.stylegan_inversion import synthesize
+
+__all__ = [
+    "SKETCH_ENCODER_ARCHITECTURE",
+    "SketchToImageOutput",
+    "SketchToImagePipeline",
+    "load_sketch_encoder",
+    "read_attributes",
+    "save_sketch_encoder",
+    "sketch_to_tensor",
+]
+
+SKETCH_ENCODER_ARCHITECTURE = "stylegan2-sketch-encoder"
+Callback = Callable[[int, int, "Image.Image | None"], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sketch encoder I/O (the image encoder's save_encoder / load_encoder, with its own architecture tag)
+# ---------------------------------------------------------------------------------------------
+
+
+def save_sketch_encoder(encoder: SketchEncoder, folder: str | os.PathLike[str], *, generator_source: str | None = None,
+                        teacher_source: str | None = None, fp16: bool = False) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (init kwargs, the generator and teacher it was
+    trained with)."""
+    from safetensors.torch import save_file
+
+    if not isinstance(encoder, SketchEncoder):
+        raise TypeError(f"save_sketch_encoder expects a SketchEncoder, got {type(encoder).__name__}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if fp16 else torch.float32
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous().clone()
+             for k, v in encoder.state_dict().items()}
+    tmp = folder / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "architecture": SKETCH_ENCODER_ARCHITECTURE})
+    os.replace(tmp, folder / "model.safetensors")
+    config = {"architecture": SKETCH_ENCODER_ARCHITECTURE, "init_kwargs": encoder.init_kwargs,
+              "generator": generator_source, "teacher": teacher_source}
+    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return folder
+
+
+def load_sketch_encoder(folder: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> SketchEncoder:
+    """Load a sketch encoder written by :func:`save_sketch_encoder` (eval mode, float32)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_file, weights = folder / "config.json", folder / "model.safetensors"
+    if not config_file.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{folder} is not a sketch encoder folder (needs config.json and model.safetensors); "
+                                "train one with `python -m pipelines.training.train_sketch_encoder`")
+    config = json.loads(config_file.read_text())
+    if config.get("architecture") != SKETCH_ENCODER_ARCHITECTURE:
+        raise ValueError(f"{config_file}: architecture {config.get('architecture')!r} is not "
+                         f"{SKETCH_ENCODER_ARCHITECTURE!r} (an image encoder cannot read sketches)")
+    encoder = SketchEncoder(**config["init_kwargs"])
+    encoder.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()}, strict=True)
+    return encoder.to(device).eval()
+
+
+def sketch_to_tensor(sketches: Image.Image | Sequence[Image.Image], size: int) -> torch.Tensor:
+    """Sketch image(s) (``"L"``, white paper) -> ``[B, 1, size, size]`` in [-1, 1] (area-resized)."""
+    items = [sketches] if isinstance(sketches, Image.Image) else list(sketches)
+    out = []
+    for img in items:
+        img = img.convert("L")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BOX if img.size[0] > size else Image.BICUBIC)
+        out.append(np.asarray(img, dtype=np.float32)[None] / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(out))
+
+
+def read_attributes(evaluator: Any, images: torch.Tensor) -> list[dict[str, str]]:
+    """The world attributes an :class:`~pipelines.evaluation.Evaluator` reads in ``images``
+    ``[B, 3, H, W]`` (only those it has a head for)."""
+    from pipelines.data.portrait_world import ATTRIBUTES
+
+    res = evaluator.run(images)
+    names = [n for n in ATTRIBUTES if n in res]
+    return [{n: ATTRIBUTES[n][int(res[n][i])] for n in names} for i in range(images.shape[0])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SketchToImageOutput:
+    """What :class:`SketchToImagePipeline` returns."""
+
+    images: list[Image.Image]        # one portrait per candidate
+    w_plus: torch.Tensor             # [N, num_ws, w_dim] the latents the portraits were drawn from
+    sketch: Image.Image              # the normalised sketch the encoder read ("L", white paper)
+    seeds: list[int | None]          # the colour seed of each candidate (None: colours from the reference)
+    timings: dict[str, float]        # seconds: 'prepare', 'encode', 'colour', 'synthesis', 'total'
+    notes: list[str] = field(default_factory=list)  # messages for the person (empty canvas, photo input)
+    is_empty: bool = False           # the canvas had no strokes: the portraits are the mean structure
+    attributes: list[dict[str, str]] | None = None  # what the evaluator reads in each portrait (if any)
+
+
+SketchInput = Image.Image | np.ndarray | None
+
+
+class SketchToImagePipeline:
+    """A sketch -> ``num_candidates`` portraits of a StyleGAN2 generator (AniFaceDrawing).
+
+    Components: the generator ``G``, the :class:`SketchEncoder` trained for it, optionally an
+    ``image_encoder`` (to take colours from a reference image) and an ``evaluator`` (to name what
+    each portrait shows).
+    """
+
+    def __init__(self, G: Generator, sketch_encoder: SketchEncoder, *, evaluator: Any = None,
+                 image_encoder: StyleGANEncoder | None = None) -> None:
+        if (sketch_encoder.num_ws, sketch_encoder.w_dim) != (G.num_ws, G.w_dim):
+            raise ValueError(f"the sketch encoder predicts [{sketch_encoder.num_ws}, {sketch_encoder.w_dim}] latents, "
+                             f"the generator takes [{G.num_ws}, {G.w_dim}]: it was trained for another generator")
+        if image_encoder is not None and (image_encoder.num_ws, image_encoder.w_dim) != (G.num_ws, G.w_dim):
+            raise ValueError("the image encoder was trained for another generator")
+        self.G = G.eval()
+        self.sketch_encoder = sketch_encoder.eval()
+        self.image_encoder = image_encoder.eval() if image_encoder is not None else None
+        self.evaluator = evaluator
+
+    @classmethod
+    def from_pretrained(cls, generator_path: str | os.PathLike[str], sketch_encoder_path: str | os.PathLike[str], *,
+                        image_encoder_path: str | os.PathLike[str] | None = None,
+                        evaluator_path: str | os.PathLike[str] | None = None,
+                        device: str | torch.device = "cpu") -> "SketchToImagePipeline":
+        """Load the generator (studio folder or official .pkl), the sketch encoder and, optionally,
+        an image encoder (for reference images) and the evaluator."""
+        from pipelines.evaluation import Evaluator
+        from pipelines.stylegan_inversion import load_encoder
+        from pipelines.stylegan_io import load_generator
+
+        G = load_generator(generator_path, device=device)
+        sketch_encoder = load_sketch_encoder(sketch_encoder_path, device=device)
+        image_encoder = load_encoder(image_encoder_path, device=device) if image_encoder_path is not None else None
+        evaluator = Evaluator.from_pretrained(evaluator_path, device=device) if evaluator_path is not None else None
+        return cls(G, sketch_encoder, evaluator=evaluator, image_encoder=image_encoder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.G.parameters()).device
+
+    @property
+    def structure_layers(self) -> int:
+        return self.sketch_encoder.structure_layers
+
+    # -- pieces -----------------------------------------------------------------------------
+    def prepare(self, sketch: SketchInput) -> tuple[Image.Image, list[str]]:
+        """Any upload or canvas -> the normalised sketch the encoder reads, and notes."""
+        return to_sketch(sketch, size=self.sketch_encoder.input_resolution)
+
+    @torch.no_grad()
+    def colour_latents(self, seeds: Sequence[int], *, truncation_psi: float = 0.7) -> torch.Tensor:
+        """``[N, num_ws, w_dim]``: one mapped z per seed (``torch.Generator().manual_seed(seed)``),
+        truncated towards ``w_avg`` by ``truncation_psi``."""
+        zs = torch.stack([torch.randn([self.G.z_dim], generator=torch.Generator().manual_seed(int(s)))
+                          for s in seeds]).to(self.device)
+        c = torch.zeros([len(seeds), self.G.c_dim], device=self.device)
+        return self.G.mapping(zs, c, truncation_psi=truncation_psi, skip_w_avg_update=True)
+
+    # -- running ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        *,
+        sketch: SketchInput,
+        num_candidates: int = 1,
+        colour_seed: int = 0,  # candidate i takes its colours from seed colour_seed + i
+        reference_w_plus: torch.Tensor | None = None,  # [num_ws, w_dim] or [1 | N, num_ws, w_dim]: colours from it
+        reference_image: Image.Image | None = None,  # colours from this image (needs an image encoder)
+        mix_from_layer: int | None = None,  # first w taken from the colours; None = the encoder's structure_layers
+        truncation_psi: float = 0.7,  # of the seeded colour latents
+        callback: Callback | None = None,
+    ) -> SketchToImageOutput:
+        """Portraits that follow ``sketch``: W+ from the sketch for ws ``[0, mix_from_layer)``,
+        colours and fine style from seeds or a reference for the rest.
+
+        An empty canvas (``None``, blank, or no strokes) is not an error: the result holds the
+        portraits of the mean structure (``G.mapping.w_avg`` on the leading ws) with each
+        candidate's colours, ``is_empty=True`` and a note asking to draw. A photo or coloured
+        picture is traced into a sketch, with a note that the result may be poor.
+        """
+        # 1. Validate the arguments before any work.
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or not 1 <= num_candidates <= 16:
+            raise ValueError(f"num_candidates must be an int in 1..16, got {num_candidates!r}")
+        if isinstance(colour_seed, bool) or not isinstance(colour_seed, (int, np.integer)) or \
+                not 0 <= colour_seed < 2**63 - 16:
+            raise ValueError(f"colour_seed must be a non-negative int, got {colour_seed!r}")
+        if reference_w_plus is not None and reference_image is not None:
+            raise ValueError("pass reference_w_plus or reference_image, not both")
+        if reference_image is not None and self.image_encoder is None:
+            raise ValueError("reference_image needs an image encoder: load the pipeline with image_encoder_path "
+                             "(the encoder of `python -m pipelines.training.train_stylegan_encoder`), or pass "
+                             "reference_w_plus")
+        num_ws = self.G.num_ws
+        k = self.structure_layers if mix_from_layer is None else mix_from_layer
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_ws:
+            raise ValueError(f"mix_from_layer must be an int in 1..{num_ws} ({num_ws} = no mixing), got {k!r}")
+        if not 0 <= truncation_psi <= 1.5:
+            raise ValueError(f"truncation_psi must be in [0, 1.5], got {truncation_psi}")
+        reference = None
+        if reference_w_plus is not None:
+            reference = torch.as_tensor(reference_w_plus, dtype=torch.float32)
+            if reference.ndim == 2:
+                reference = reference[None]
+            if reference.ndim != 3 or reference.shape[1:] != (num_ws, self.G.w_dim) or \
+                    reference.shape[0] not in (1, num_candidates):
+                raise ValueError(f"reference_w_plus must be [{num_ws}, {self.G.w_dim}] or [1|N, {num_ws}, "
+                                 f"{self.G.w_dim}], got {tuple(reference_w_plus.shape)}")
+            reference = reference.to(self.device)
+        device = self.device
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+
+        # 2. The sketch: any size or mode -> a normalised sketch; empty canvas -> mean structure.
+        prepared, notes = self.prepare(sketch)
+        empty = is_empty_sketch(prepared)
+        if empty and EMPTY_NOTE not in notes:
+            notes = [EMPTY_NOTE]
+        timings["prepare"] = time.perf_counter() - t_start
+
+        # 3. Structure: the sketch encoder's leading ws (or w_avg for an empty canvas).
+        t0 = time.perf_counter()
+        if empty:
+            structure = self.G.mapping.w_avg.to(device, torch.float32)[None, None].expand(1, num_ws, -1)
+        else:
+            x = sketch_to_tensor(prepared, self.sketch_encoder.input_resolution).to(device)
+            structure = self.sketch_encoder(x).float()  # [1, num_ws, w_dim]
+        timings["encode"] = time.perf_counter() - t0
+
+        # 4. Colours: a reference (W+ or inverted image), else one seeded latent per candidate.
+        t0 = time.perf_counter()
+        if reference_image is not None:
+            from pipelines.images import pil_to_tensor
+            from pipelines.face_alignment import centre_crop
+
+            res = self.G.img_resolution
+            img = pil_to_tensor(centre_crop(reference_image.convert("RGB"), res), size=res).to(device)
+            reference = self.image_encoder(img).float()
+        if reference is not None:
+            colours = reference.expand(num_candidates, -1, -1)
+            seeds: list[int | None] = [None] * num_candidates
+        else:
+            seeds = [int(colour_seed) + i for i in range(num_candidates)]
+            colours = self.colour_latents(seeds, truncation_psi=truncation_psi)
+        w_plus = torch.cat([structure[:, :k].expand(num_candidates, -1, -1), colours[:, k:]], dim=1)
+        timings["colour"] = time.perf_counter() - t0
+
+        # 5. Synthesis.
+        t0 = time.perf_counter()
+        images = synthesize(self.G, w_plus)  # [N, C, R, R]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings["synthesis"] = time.perf_counter() - t0
+        from pipelines.images import tensor_to_pil
+
+        pils = tensor_to_pil(images)
+        attributes = read_attributes(self.evaluator, images) if self.evaluator is not None else None
+        timings["total"] = time.perf_counter() - t_start
+        if callback is not None:
+            callback(1, 1, pils[0])
+        return SketchToImageOutput(images=pils, w_plus=w_plus, sketch=prepared, seeds=seeds, timings=timings,
+                                   notes=notes, is_empty=empty, attributes=attributes)
