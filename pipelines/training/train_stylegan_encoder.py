@@ -341,7 +341,8 @@ def train(config: EncoderTrainConfig, progress: Progress | None = None) -> Path:
         from pipelines.cards import write_card
 
         for folder in targets_out:
-            save_encoder(encoder, folder, generator_source=config.generator)
+            # the run keeps float32; the exported copy (assets) is stored in float16
+            save_encoder(encoder, folder, generator_source=config.generator, fp16=folder != run.path / "encoder")
             write_card(folder, title="e4e encoder into W+", task="StyleGAN2 inversion (image -> w+)",
                        architecture=f"e4e-style residual CNN + feature pyramid, {n_params / 1e6:.2f}M parameters, "
                                     f"{encoder.input_resolution} px input, {G.num_ws} x {G.w_dim} output",

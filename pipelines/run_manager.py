@@ -1,0 +1,411 @@
+"""The run manager: launches training scripts as their own processes and keeps track of them.
+
+No gradio here. Each run is a folder under ``runs_dir`` that the training script writes
+(``config.json``, ``metrics.jsonl``, ``status.json``, ``samples/``, ``checkpoints/``) plus what the
+manager adds: ``launch.json`` (the method, the arguments, the process id) and ``log.txt``. All
+state lives in those files, so a manager started later (after the app was restarted or killed)
+finds every run again; a run whose process died without finishing shows as ``interrupted`` and
+resumes from its last checkpoint (the scripts keep optimiser and RNG state there).
+
+Processes run niced (the studio stays usable), in their own session (a cancel reaches the
+whole process group), one per device slot; launches beyond the free slots wait in a queue that
+:meth:`RunManager.poll` drains. With more than one CUDA device a script runs under
+``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METHODS", "MethodSpec", "RunInfo", "RunManager", "RunError", "build_config"]
+
+STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
+
+
+class RunError(ValueError):
+    """A launch, resume or cancel that cannot be done; the message says why."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A training script the manager can launch."""
+
+    key: str
+    label: str
+    module: str                      # python -m <module>
+    config: str                      # "<module>:<dataclass name>"
+    produces: str                    # registry kind of the exported model
+    export: str                      # sub-folder of the run folder holding the exported model
+    steps_field: str                 # the config field holding the step budget
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    base_field: str | None = None    # the config field naming the teacher / base model (a path)
+
+
+METHODS: dict[str, MethodSpec] = {m.key: m for m in (
+    MethodSpec(
+        key="stylegan2", label="StyleGAN2-ADA generator", module="pipelines.training.train_stylegan2",
+        config="pipelines.training.train_stylegan2:StyleGAN2TrainConfig", produces="stylegan2",
+        export="generator", steps_field="total_steps",
+        presets={
+            "quick demo": dict(resolution=32, bank_size=2000, batch=16, total_steps=200, channel_base=1024,
+                               channel_max=64, z_dim=64, w_dim=64, sample_every=50, checkpoint_every=50,
+                               log_every=10),
+            "standard": dict(resolution=64, bank_size=20000, batch=32, total_steps=20000, channel_base=2048,
+                             channel_max=64, z_dim=128, w_dim=128, sample_every=500, checkpoint_every=250),
+        }),
+    MethodSpec(
+        key="stylegan_encoder", label="Inversion encoder (e4e)", module="pipelines.training.train_stylegan_encoder",
+        config="pipelines.training.train_stylegan_encoder:EncoderTrainConfig", produces="stylegan_encoder",
+        export="encoder", steps_field="steps", base_field="generator",
+        presets={
+            "quick demo": dict(steps=100, batch=8, pool_size=256, channel_base=1024, channel_max=64,
+                               image_loss_every=4, log_every=10, sample_every=50, checkpoint_every=50,
+                               eval_images=16, w_avg_samples=2000),
+            "standard": dict(steps=5000, batch=16, pool_size=4000, real_images=4000, channel_base=2048,
+                             channel_max=128, image_loss_every=4, checkpoint_every=500),
+        }),
+    MethodSpec(
+        key="sketch_encoder", label="Sketch encoder (AniFaceDrawing)", module="pipelines.training.train_sketch_encoder",
+        config="pipelines.training.train_sketch_encoder:SketchEncoderTrainConfig", produces="sketch_encoder",
+        export="sketch_encoder", steps_field="steps", base_field="generator",
+        presets={
+            "quick demo": dict(steps=100, batch=8, pool_size=256, log_every=10, sample_every=50, checkpoint_every=50),
+            "standard": dict(steps=3000, batch=16, pool_size=2000, checkpoint_every=250),
+        }),
+    MethodSpec(
+        key="clip", label="CLIP (contrastive, open_clip)", module="pipelines.training.train_clip",
+        config="pipelines.training.train_clip:ClipTrainConfig", produces="clip", export="clip",
+        steps_field="steps",
+        presets={
+            "quick demo": dict(steps=100, batch=64, train_images=2000, val_images=200, eval_every=50,
+                               checkpoint_every=50),
+            "standard": dict(steps=5000, batch=256, train_images=40000, val_images=2000),
+        }),
+    MethodSpec(
+        key="evaluator", label="Portrait-world evaluator", module="pipelines.training.train_evaluator",
+        config="pipelines.training.train_evaluator:EvaluatorTrainConfig", produces="evaluator",
+        export="evaluator", steps_field="steps",
+        presets={
+            "quick demo": dict(steps=100, batch=64, train_images=2000, val_images=400),
+            "standard": dict(steps=5000, batch=128, train_images=40000, val_images=4000),
+        }),
+)}
+
+
+def _config_class(spec: MethodSpec) -> type:
+    module, name = spec.config.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_config(spec: MethodSpec, params: Mapping[str, Any], out_dir: str | Path) -> Any:
+    """The script's config dataclass for ``params`` (after its own validation): raises
+    :class:`RunError` naming the bad field, before anything is launched."""
+    cls = _config_class(spec)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise RunError(f"{spec.label} has no setting(s) {unknown}")
+    values = {**params, "out_dir": str(out_dir)}
+    for key, value in values.items():  # common sense before the script's own checks
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise RunError(f"{key} must be a finite number, got {value}")
+            if (key in ("lr", "lr_g", "lr_d") or key.endswith("steps") or key in ("batch", "batch_size")) and value <= 0:
+                raise RunError(f"{key} must be positive, got {value}")
+    try:
+        config = cls(**values)
+        validate = getattr(config, "validate", None)
+        if callable(validate):
+            result = validate()
+            config = result if result is not None else config
+        else:
+            module = importlib.import_module(spec.module)
+            if hasattr(module, "validate_config"):
+                config = module.validate_config(config)
+    except (TypeError, ValueError) as exc:
+        raise RunError(f"{spec.label}: {exc}") from None
+    return config
+
+
+def _to_argv(config: Any) -> list[str]:
+    """``--field value`` for every field of ``config`` (as the scripts' parse_config reads them)."""
+    argv = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        argv += [f"--{f.name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@dataclass
+class RunInfo:
+    """What the UI shows for one run."""
+
+    name: str
+    method: str
+    state: str
+    step: int = 0
+    total: int = 0
+    eta_s: float | None = None
+    throughput: float | None = None      # steps per second over the recent metric rows
+    created: float = 0.0
+    error: str | None = None
+    log_tail: str = ""
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    latest_sample: str | None = None
+    export: str | None = None           # the exported model folder, once finished
+    path: str = ""
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+
+class RunManager:
+    """Launch, watch, cancel and resume training runs in ``runs_dir``."""
+
+    def __init__(self, runs_dir: str | Path = "runs", *, slots: int | None = None, nice: int = 10,
+                 python: str = sys.executable, env: Mapping[str, str] | None = None,
+                 methods: Mapping[str, MethodSpec] | None = None) -> None:
+        self.methods = dict(methods or METHODS)
+        self.runs_dir = Path(runs_dir)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.slots = slots if slots is not None else max(1, _cuda_count())
+        self.nice = nice
+        self.python = python
+        self.env = dict(env or {})
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.RLock()
+
+    # -- files ------------------------------------------------------------------------------
+    def _folder(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith(".") or name != name.strip():
+            raise RunError(f"a run name is one folder name (letters, digits, -, _), got {name!r}")
+        return self.runs_dir / name
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _write_launch(self, folder: Path, data: dict[str, Any]) -> None:
+        tmp = folder / "launch.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, folder / "launch.json")
+
+    def names(self) -> list[str]:
+        """Every run the manager launched in ``runs_dir``, newest first."""
+        found = [(self._read(p).get("created", 0), p.parent.name) for p in self.runs_dir.glob("*/launch.json")]
+        return [n for _, n in sorted(found, reverse=True)]
+
+    # -- launching ----------------------------------------------------------------------------
+    def launch(self, method: str, params: Mapping[str, Any], *, name: str | None = None,
+               preset: str | None = None) -> str:
+        """Validate and start (or queue) a run; returns its name. Refused with :class:`RunError`
+        for bad settings, an unknown method or preset, or a folder that already holds a run."""
+        if method not in self.methods:
+            raise RunError(f"unknown method {method!r}; one of {sorted(self.methods)}")
+        spec = self.methods[method]
+        if preset is not None and preset not in spec.presets:
+            raise RunError(f"unknown preset {preset!r} for {spec.label}; one of {sorted(spec.presets)}")
+        values = {**(spec.presets.get(preset, {}) if preset else {}), **dict(params)}
+        name = name or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = self._folder(name)
+        with self._lock:
+            if (folder / "launch.json").exists() or (folder / "config.json").exists():
+                raise RunError(f"{folder} already holds a run; resume it or choose another name")
+            if spec.base_field and values.get(spec.base_field) and not Path(str(values[spec.base_field])).exists():
+                raise RunError(f"{spec.base_field} {values[spec.base_field]!r} does not exist")
+            config = build_config(spec, values, folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            self._write_launch(folder, {"method": method, "preset": preset, "argv": _to_argv(config),
+                                        "created": time.time(), "state": "queued", "pid": None,
+                                        "resume": False})
+        self.poll()
+        return name
+
+    def resume(self, name: str) -> str:
+        """Start an interrupted, failed or cancelled run again from its last checkpoint."""
+        folder = self._folder(name)
+        with self._lock:
+            launch = self._read(folder / "launch.json")
+            if not launch:
+                raise RunError(f"no run named {name!r} in {self.runs_dir}")
+            state = self.info(name).state
+            if state in ("running", "queued"):
+                raise RunError(f"{name} is {state}; it cannot be started twice")
+            if state == "finished":
+                raise RunError(f"{name} has finished; launch a new run to train further")
+            launch.update(state="queued", pid=None, resume=True)
+            self._write_launch(folder, launch)
+        self.poll()
+        return name
+
+    def cancel(self, name: str, *, timeout: float = 30.0) -> None:
+        """SIGTERM the run's process group (the scripts checkpoint on it), SIGKILL after ``timeout``."""
+        folder = self._folder(name)
+        with self._lock:
+            launch = self._read(folder / "launch.json")
+            if not launch:
+                raise RunError(f"no run named {name!r}")
+            pid = launch.get("pid")
+            if launch.get("state") == "queued":
+                launch["state"] = "cancelled"
+                self._write_launch(folder, launch)
+                return
+            if not _pid_alive(pid):
+                raise RunError(f"{name} is not running")
+            launch["state"] = "cancelled"
+            self._write_launch(folder, launch)
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline and _pid_alive(pid):
+            self._reap()
+            time.sleep(0.1)
+        if _pid_alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._reap()
+
+    def _start(self, name: str, launch: dict[str, Any]) -> None:
+        folder = self._folder(name)
+        spec = self.methods[launch["method"]]
+        argv = list(launch["argv"])
+        if launch.get("resume"):
+            argv += ["--resume", "true"]
+        if _cuda_count() > 1:
+            cmd = [self.python, "-m", "accelerate.commands.launch", "--num_processes", str(_cuda_count()),
+                   "-m", spec.module, *argv]
+        else:
+            cmd = [self.python, "-m", spec.module, *argv]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+               **self.env}
+        root = Path(__file__).resolve().parent.parent
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        log = open(folder / "log.txt", "a")
+        log.write(f"\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        nice = self.nice
+        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        log.close()
+        self._procs[name] = proc
+        launch.update(state="running", pid=proc.pid, started=time.time(), command=shlex.join(cmd))
+        self._write_launch(folder, launch)
+
+    def _reap(self) -> None:
+        for name, proc in list(self._procs.items()):
+            if proc.poll() is not None:
+                del self._procs[name]
+                folder = self._folder(name)
+                launch = self._read(folder / "launch.json")
+                launch["returncode"] = proc.returncode
+                self._write_launch(folder, launch)
+
+    def poll(self) -> None:
+        """Reap ended processes and start queued runs while slots are free (oldest first)."""
+        with self._lock:
+            self._reap()
+            busy = sum(1 for n in self.names() if self.info(n).state == "running")
+            queued = sorted((self._read(self.runs_dir / n / "launch.json").get("created", 0), n)
+                            for n in self.names() if self._read(self.runs_dir / n / "launch.json").get("state") == "queued")
+            for _, name in queued:
+                if busy >= self.slots:
+                    break
+                self._start(name, self._read(self.runs_dir / name / "launch.json"))
+                busy += 1
+
+    # -- watching -----------------------------------------------------------------------------
+    def info(self, name: str, *, log_lines: int = 20) -> RunInfo:
+        from pipelines.training.runs import RunFolder
+
+        folder = self._folder(name)
+        launch = self._read(folder / "launch.json")
+        if not launch:
+            raise RunError(f"no run named {name!r} in {self.runs_dir}")
+        run = RunFolder(folder)
+        status = run.status()
+        metrics = run.metrics()
+        alive = _pid_alive(launch.get("pid"))
+        recorded = launch.get("state", "queued")
+        if recorded == "queued":
+            state = "queued"
+        elif alive:
+            state = "cancelled" if recorded == "cancelled" else "running"
+        elif status.get("state") == "finished":
+            state = "finished"
+        elif recorded == "cancelled":
+            state = "cancelled"
+        elif status.get("state") == "failed" or launch.get("returncode") not in (None, 0, -signal.SIGKILL):
+            state = "failed"
+        else:
+            state = "interrupted"  # killed (SIGKILL, power, app crash) without a word: resumable
+        step = int(status.get("step", metrics[-1]["step"] if metrics else 0) or 0)
+        total = int(status.get("total", 0) or 0)
+        throughput = eta = None
+        timed = [r for r in metrics if "time" in r]
+        if len(timed) >= 2 and state == "running":
+            a, b = timed[max(0, len(timed) - 10)], timed[-1]
+            if b["time"] > a["time"] and b["step"] > a["step"]:
+                throughput = (b["step"] - a["step"]) / (b["time"] - a["time"])
+                eta = max(0.0, (total - step) / throughput) if total else None
+        samples = sorted((folder / "samples").glob("*.png")) if (folder / "samples").exists() else []
+        export = folder / self.methods[launch["method"]].export
+        log_tail = ""
+        if (folder / "log.txt").exists():
+            log_tail = "\n".join((folder / "log.txt").read_text(errors="replace").splitlines()[-log_lines:])
+        return RunInfo(name=name, method=launch["method"], state=state, step=step, total=total, eta_s=eta,
+                       throughput=throughput, created=launch.get("created", 0.0), error=status.get("error"),
+                       log_tail=log_tail, metrics=metrics, latest_sample=str(samples[-1]) if samples else None,
+                       export=str(export) if state == "finished" and export.exists() else None, path=str(folder))
+
+    def runs(self) -> list[RunInfo]:
+        return [self.info(n) for n in self.names()]
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no torch / no driver: CPU only
+        return 0

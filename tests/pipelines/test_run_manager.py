@@ -1,0 +1,129 @@
+"""The run manager with a stand-in script: launch, queue, watch, cancel, SIGKILL + resume,
+rediscovery by a new manager, refusals."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from pipelines.run_manager import METHODS, MethodSpec, RunError, RunManager, build_config
+
+FAKE = MethodSpec(key="fake", label="Fake", module="tests._fake_train", config="tests._fake_train:FakeConfig",
+                  produces="fake", export="model", steps_field="steps",
+                  presets={"quick demo": {"steps": 6, "step_seconds": 0.02}})
+
+
+def manager(tmp_path, **kw):
+    return RunManager(tmp_path / "runs", methods={"fake": FAKE}, nice=0, **kw)
+
+
+def wait_for(fn, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_launch_runs_to_the_end_and_reports_progress(tmp_path):
+    m = manager(tmp_path)
+    name = m.launch("fake", {}, preset="quick demo", name="first")
+    info = wait_for(lambda: (i := m.info(name)).state == "finished" and i)
+    assert info.step == info.total == 6 and info.export.endswith("model")
+    assert [r["step"] for r in info.metrics] == [1, 2, 3, 4, 5, 6]
+    assert "done" in info.log_tail
+    with pytest.raises(RunError, match="already holds a run"):
+        m.launch("fake", {}, name="first")
+    with pytest.raises(RunError, match="finished"):
+        m.resume("first")
+
+
+@pytest.mark.parametrize("params,fragment", [
+    ({"steps": 0}, "steps must be positive"),
+    ({"lr": -1.0}, "lr must be positive"),
+    ({"lr": float("nan")}, "finite"),
+    ({"wings": 2}, "no setting"),
+])
+def test_invalid_settings_are_refused_before_launch(tmp_path, params, fragment):
+    m = manager(tmp_path)
+    with pytest.raises(RunError, match=fragment):
+        m.launch("fake", params, name="bad")
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_unknown_method_preset_and_bad_names(tmp_path):
+    m = manager(tmp_path)
+    with pytest.raises(RunError, match="unknown method"):
+        m.launch("dreambooth", {})
+    with pytest.raises(RunError, match="unknown preset"):
+        m.launch("fake", {}, preset="huge")
+    with pytest.raises(RunError, match="folder name"):
+        m.launch("fake", {}, name="../escape")
+
+
+def test_runs_queue_when_every_slot_is_busy(tmp_path):
+    m = manager(tmp_path, slots=1)
+    a = m.launch("fake", {"steps": 40, "step_seconds": 0.05}, name="a")
+    b = m.launch("fake", {"steps": 3, "step_seconds": 0.01}, name="b")
+    assert m.info(a).state == "running" and m.info(b).state == "queued"
+    wait_for(lambda: m.poll() or m.info(b).state == "finished", timeout=90)
+    assert m.info(a).state == "finished"
+
+
+def test_cancel_checkpoints_and_resume_continues(tmp_path):
+    m = manager(tmp_path)
+    name = m.launch("fake", {"steps": 400, "step_seconds": 0.02, "checkpoint_every": 1000}, name="c")
+    wait_for(lambda: m.info(name).step >= 5)
+    m.cancel(name)
+    info = m.info(name)
+    assert info.state == "cancelled" and info.step >= 5
+    m.resume(name)
+    wait_for(lambda: m.info(name).state == "running")
+    wait_for(lambda: m.info(name).step > info.step)
+    m.cancel(name)
+
+
+def test_sigkill_then_a_new_manager_finds_the_run_interrupted_and_resumes_it(tmp_path):
+    m = manager(tmp_path)
+    name = m.launch("fake", {"steps": 60, "step_seconds": 0.03, "checkpoint_every": 5}, name="k")
+    wait_for(lambda: m.info(name).step >= 12)
+    pid = m._read(tmp_path / "runs" / name / "launch.json")["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    wait_for(lambda: m.poll() or m.info(name).state == "interrupted")
+    killed_at = m.info(name).step
+
+    fresh = manager(tmp_path)  # the app restarted: everything comes from the folders
+    assert fresh.names() == [name] and fresh.info(name).state == "interrupted"
+    with pytest.raises(RunError, match="is not running"):
+        fresh.cancel(name)
+    fresh.resume(name)
+    info = wait_for(lambda: (i := fresh.info(name)).state == "finished" and i, timeout=90)
+    steps = [r["step"] for r in info.metrics]
+    assert steps == list(range(1, 61))  # each step logged once: redone steps replaced
+    lost = killed_at - (killed_at // 5) * 5
+    assert lost < 5
+    assert "resumed at step" in info.log_tail or "resumed" in (tmp_path / "runs" / name / "log.txt").read_text()
+
+
+def test_a_crashing_run_shows_failed_with_its_last_log_lines(tmp_path):
+    m = manager(tmp_path)
+    name = m.launch("fake", {"steps": 20, "fail_at": 7, "checkpoint_every": 5}, name="boom")
+    info = wait_for(lambda: (i := m.info(name)).state == "failed" and i)
+    assert "exploded at step 7" in info.error and "RuntimeError" in info.log_tail
+    assert (tmp_path / "runs" / name / "checkpoints" / "step_0000005.pt").is_file()
+
+
+def test_every_method_preset_builds_a_valid_config(tmp_path):
+    for spec in METHODS.values():
+        for preset, params in spec.presets.items():
+            values = dict(params)
+            if spec.base_field:
+                values[spec.base_field] = str(tmp_path)  # exists; the scripts check files later
+            try:
+                build_config(spec, values, tmp_path / "out")
+            except RunError as exc:
+                if spec.base_field and "does not exist" not in str(exc) and "not a" not in str(exc):
+                    raise
