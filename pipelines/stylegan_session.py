@@ -85,7 +85,8 @@ def load_upload(source: str | os.PathLike[str] | bytes | Image.Image) -> tuple[I
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             image.load()
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"{name} is not an image the studio can read (PNG, JPEG, WebP, ...): {exc}") from None
+            detail = "" if isinstance(exc, UnidentifiedImageError) else f" ({exc})"
+            raise ValueError(f"{name} is not an image the studio can read (PNG, JPEG, WebP, ...){detail}") from None
     if min(image.size) < 1:
         raise ValueError(f"the image is empty ({image.size[0]}x{image.size[1]})")
     from pipelines.face_alignment import to_rgb

@@ -136,8 +136,10 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
                         random_seed = gr.Button("Random", scale=1)
                     sample_button = gr.Button("Sample", variant="primary", elem_id="sg_sample")
                 with gr.Tab("Upload"):
-                    upload = gr.Image(label="Portrait or photo", type="filepath", sources=["upload", "clipboard"],
-                                      elem_id="sg_upload")
+                    # a file input (not gr.Image): whatever arrives reaches load_upload, which says
+                    # clearly when it is not an image
+                    upload = gr.File(label="Portrait or photo (PNG, JPEG, WebP, ...)", type="filepath",
+                                     file_types=["image"], elem_id="sg_upload")
                     align = gr.Checkbox(False, label="Align face (photos: dlib 68-point landmarks, FFHQ crop)")
                     method = gr.Dropdown([(METHOD_HELP[m], m) for m in
                                           (editors.get(default).methods() if default else ["optimise-w+"])],
