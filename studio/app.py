@@ -7,7 +7,7 @@ import os
 import gradio as gr
 
 from studio.registry import GPU_QUEUE, ModelRegistry, default_registry
-from studio.tabs import portrait_world, stylegan_edit
+from studio.tabs import portrait_world, sketch, stylegan_edit
 
 __all__ = ["build_app", "GPU_QUEUE", "on_spaces"]
 
@@ -32,6 +32,7 @@ def build_app(*, device: str | None = None, registry: ModelRegistry | None = Non
         with gr.Tabs() as tabs:
             world = portrait_world.build(registry, demo)
             stylegan = stylegan_edit.build(registry, demo, runs_dir=runs_dir)
+            sketch.build(registry, demo, send_to=stylegan["receive"], tabs=tabs)
         # Hand-offs between tabs: the portrait goes to StyleGAN edit, which inverts it.
         world["send"].click(lambda image: (image, gr.Tabs(selected="stylegan_edit")), world["image"],
                             [stylegan["receive"], tabs], api_name=False)
