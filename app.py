@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also offer this hub text-to-image model (needs a network or the local "
                              "Hugging Face cache); repeatable")
     parser.add_argument("--runs-dir", default="runs", help="finished training runs found here are served too")
+    parser.add_argument("--no-train", action="store_true", help="hide training: the Distill / train tab says it is off")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be 1-65535, got {args.port}")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             add_local(registry, folder)
         for repo_id in args.hub_model:
             add_hub(registry, repo_id)
-        demo = build_app(registry=registry)
+        demo = build_app(registry=registry, runs_dir=args.runs_dir, allow_training=not args.no_train)
     except ValueError as exc:  # --device cuda without one, a folder that is not a model, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2

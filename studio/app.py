@@ -7,7 +7,7 @@ import os
 import gradio as gr
 
 from studio.registry import GPU_QUEUE, ModelRegistry, default_registry
-from studio.tabs import portrait_world, sketch, stylegan_edit
+from studio.tabs import portrait_world, sketch, stylegan_edit, train
 
 __all__ = ["build_app", "GPU_QUEUE", "on_spaces"]
 
@@ -22,9 +22,10 @@ def on_spaces() -> bool:
 
 
 def build_app(*, device: str | None = None, registry: ModelRegistry | None = None,
-              runs_dir: str | None = "runs") -> gr.Blocks:
+              runs_dir: str | None = "runs", allow_training: bool = True) -> gr.Blocks:
     """The studio's Blocks. ``device``: "auto"/None (CUDA, then MPS, then CPU), "cuda", "cpu", ...;
-    finished runs in ``runs_dir`` join the embedded models in the registry."""
+    finished runs in ``runs_dir`` join the embedded models in the registry. Training (the Distill /
+    train tab) is off with ``allow_training=False`` and on Hugging Face Spaces."""
     registry = registry or default_registry(device, runs_dir=runs_dir)
     with gr.Blocks(title="Distillation Studio", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
@@ -33,6 +34,14 @@ def build_app(*, device: str | None = None, registry: ModelRegistry | None = Non
             world = portrait_world.build(registry, demo)
             stylegan = stylegan_edit.build(registry, demo, runs_dir=runs_dir)
             sketch.build(registry, demo, send_to=stylegan["receive"], tabs=tabs)
+            if on_spaces():
+                why = "This studio runs on Hugging Face Spaces, where training jobs are not started."
+            elif not allow_training or runs_dir is None:
+                why = "The studio was started with `--no-train`."
+            else:
+                why = ""
+            train.build(registry, demo, runs_dir=runs_dir or "runs", enabled=not why, reason=why,
+                        targets={"stylegan2": stylegan["generator"]})
         # Hand-offs between tabs: the portrait goes to StyleGAN edit, which inverts it.
         world["send"].click(lambda image: (image, gr.Tabs(selected="stylegan_edit")), world["image"],
                             [stylegan["receive"], tabs], api_name=False)

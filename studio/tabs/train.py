@@ -1,0 +1,186 @@
+"""Distill / train tab: launch a training script, watch it (status, loss curve, samples, log),
+cancel, resume, and put the result into the studio at once ("use this model").
+
+All process handling is :class:`pipelines.run_manager.RunManager`'s; this module only draws it.
+Training is off on Hugging Face Spaces and with ``--no-train``: the tab then says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import gradio as gr
+
+from pipelines.run_manager import METHODS, RunError, RunManager, _config_class
+from studio.registry import ASSETS_DIR, ModelRegistry, add_local
+
+__all__ = ["build", "key_fields", "format_eta"]
+
+COLUMNS = ["run", "method", "state", "step", "progress", "ETA", "steps/s"]
+
+
+def key_fields(method: str) -> dict[str, Any]:
+    """The method's key hyperparameters and their defaults: the step budget, batch, learning rate(s)."""
+    spec = METHODS[method]
+    fields = {f.name: f.default for f in dataclasses.fields(_config_class(spec))}
+    out = {spec.steps_field: fields[spec.steps_field]}
+    for name in ("batch", "batch_size", "lr", "lr_g", "lr_d"):
+        if name in fields:
+            out[name] = fields[name]
+    return out
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _default_base(method: str) -> str:
+    spec = METHODS[method]
+    if spec.base_field is None:
+        return ""
+    folder = ASSETS_DIR / "stylegan2_portraits64"
+    return str(folder) if folder.exists() else ""
+
+
+def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: bool = True, reason: str = "",
+          targets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add the tab. ``targets``: registry kind -> a dropdown of another tab whose choices "use this
+    model" refreshes (e.g. ``{"stylegan2": <StyleGAN edit's generator dropdown>}``)."""
+    targets = targets or {}
+    with gr.Tab("Distill / train", id="train"):
+        if not enabled:
+            gr.Markdown(f"### Training is off here\n{reason} Run the studio on your own machine "
+                        "(`./studio.sh run`) to launch, watch and resume training runs; the models you "
+                        "train there load here like any local folder.", elem_id="train_off")
+            return {}
+        manager = RunManager(runs_dir)
+        first = "stylegan_encoder" if "stylegan_encoder" in METHODS else next(iter(METHODS))
+        gr.Markdown("Launch one of the studio's training scripts as its own (niced) process. Runs live in "
+                    f"`{runs_dir}/`: they survive a restart of the studio, resume from their last checkpoint, "
+                    "and a finished one joins the studio with **Use this model**.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                method = gr.Dropdown([(s.label, k) for k, s in METHODS.items()], value=first, label="Method",
+                                     elem_id="train_method")
+                base = gr.Textbox(_default_base(first), label="Teacher / base model (folder)",
+                                  elem_id="train_base", visible=METHODS[first].base_field is not None)
+                preset = gr.Radio(list(METHODS[first].presets), value="quick demo", label="Preset",
+                                  elem_id="train_preset")
+                settings = gr.Code(json.dumps(key_fields(first), indent=1), language="json",
+                                   label="Settings (JSON; empty = the preset's)", elem_id="train_settings")
+                name = gr.Textbox("", label="Run name (empty = method + time)", elem_id="train_name")
+                launch = gr.Button("Launch", variant="primary", elem_id="train_launch")
+                message = gr.Markdown("", elem_id="train_message")
+            with gr.Column(scale=2):
+                table = gr.Dataframe(headers=COLUMNS, value=[], interactive=False, label="Runs",
+                                     elem_id="train_runs")
+                run = gr.Dropdown([], label="Run", elem_id="train_run")
+                with gr.Row():
+                    curve = gr.LinePlot(x="step", y="value", color="series", label="Loss curves", height=240)
+                    sample = gr.Image(label="Latest samples", type="filepath", interactive=False, height=240)
+                log = gr.Textbox(label="Log (last lines)", lines=8, max_lines=8, interactive=False)
+                with gr.Row():
+                    cancel = gr.Button("Cancel")
+                    resume = gr.Button("Resume")
+                    use = gr.Button("Use this model", variant="primary", elem_id="train_use")
+        timer = gr.Timer(2.0)
+
+        def on_method(key: str):
+            spec = METHODS[key]
+            return (gr.update(visible=spec.base_field is not None, value=_default_base(key)),
+                    gr.update(choices=list(spec.presets), value="quick demo" if "quick demo" in spec.presets else None),
+                    json.dumps(key_fields(key) if not spec.presets else spec.presets.get("quick demo", {}), indent=1))
+
+        def on_preset(key: str, preset_name: str):
+            values = dict(METHODS[key].presets.get(preset_name, {}))
+            shown = {k: values.get(k, v) for k, v in key_fields(key).items()}
+            return json.dumps(shown, indent=1)
+
+        def on_launch(key: str, base_path: str, preset_name: str, text: str, run_name: str):
+            try:
+                params = json.loads(text) if text and text.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise gr.Error(f"the settings are not valid JSON: {exc}") from None
+            if not isinstance(params, dict):
+                raise gr.Error("the settings must be a JSON object, e.g. {\"steps\": 200}")
+            spec = METHODS[key]
+            if spec.base_field and base_path.strip():
+                params[spec.base_field] = base_path.strip()
+            try:
+                started = manager.launch(key, params, preset=preset_name or None, name=run_name.strip() or None)
+            except RunError as exc:
+                raise gr.Error(str(exc)) from None
+            state = manager.info(started).state
+            return f"**{started}**: {state}", gr.update(choices=manager.names(), value=started)
+
+        def refresh(selected: str | None):
+            manager.poll()
+            infos = manager.runs()
+            rows = [[i.name, METHODS[i.method].label if i.method in METHODS else i.method, i.state,
+                     f"{i.step}/{i.total}", f"{100 * i.progress:.0f}%", format_eta(i.eta_s),
+                     f"{i.throughput:.2f}" if i.throughput else ""] for i in infos]
+            names = [i.name for i in infos]
+            selected = selected if selected in names else (names[0] if names else None)
+            points, image, text = [], None, ""
+            if selected:
+                info = next(i for i in infos if i.name == selected)
+                for row in info.metrics:
+                    for k, v in row.items():
+                        if k.startswith("loss") and isinstance(v, (int, float)):
+                            points.append({"step": row["step"], "value": v, "series": k})
+                image, text = info.latest_sample, info.log_tail
+                if info.state == "failed" and info.error:
+                    text = f"FAILED: {info.error}\n{text}"
+            import pandas as pd
+            return (rows, gr.update(choices=names, value=selected),
+                    pd.DataFrame(points or {"step": [], "value": [], "series": []}), image, text)
+
+        def on_cancel(selected: str | None):
+            if not selected:
+                raise gr.Error("choose a run first")
+            try:
+                manager.cancel(selected)
+            except RunError as exc:
+                raise gr.Error(str(exc)) from None
+            return f"**{selected}** cancelled (its last checkpoint is kept; Resume continues it)"
+
+        def on_resume(selected: str | None):
+            if not selected:
+                raise gr.Error("choose a run first")
+            try:
+                manager.resume(selected)
+            except RunError as exc:
+                raise gr.Error(str(exc)) from None
+            return f"**{selected}** resumed from its last checkpoint"
+
+        target_list = list(targets.items())
+
+        def on_use(selected: str | None):
+            if not selected:
+                raise gr.Error("choose a run first")
+            info = manager.info(selected)
+            if info.state != "finished" or not info.export:
+                raise gr.Error(f"{selected} is {info.state}; only a finished run can be used")
+            try:
+                spec = add_local(registry, info.export, name=f"{selected} (run)", source="run")
+            except ValueError as exc:
+                raise gr.Error(f"{selected}'s result cannot be served: {exc}") from None
+            updates = [gr.update(choices=registry.names(kind), value=spec.name) if kind == spec.kind else gr.update()
+                       for kind, _ in target_list]
+            return [f"**{spec.name}** is now in the studio's {spec.kind} choices", *updates]
+
+        method.change(on_method, method, [base, preset, settings], api_name=False)
+        preset.change(on_preset, [method, preset], settings, api_name=False)
+        launch.click(on_launch, [method, base, preset, settings, name], [message, run], api_name="train_launch")
+        timer.tick(refresh, run, [table, run, curve, sample, log], api_name=False, show_progress="hidden")
+        run.change(refresh, run, [table, run, curve, sample, log], api_name=False, show_progress="hidden")
+        cancel.click(on_cancel, run, message, api_name=False)
+        resume.click(on_resume, run, message, api_name=False)
+        use.click(on_use, run, [message, *[c for _, c in target_list]], api_name=False)
+    return {"manager": manager}

@@ -1,0 +1,38 @@
+"""The Distill / train tab: key settings per method, the off switch, and the launch wiring."""
+
+import pytest
+
+from pipelines.run_manager import METHODS
+from studio.registry import ModelRegistry
+from studio.tabs.train import format_eta, key_fields
+
+
+def test_key_fields_name_each_methods_step_budget_batch_and_learning_rate():
+    for key, spec in METHODS.items():
+        fields = key_fields(key)
+        assert spec.steps_field in fields and fields[spec.steps_field] > 0
+        assert {"batch", "batch_size"} & set(fields), key
+        assert {"lr", "lr_g"} & set(fields), key
+
+
+def test_eta_format():
+    assert format_eta(None) == "" and format_eta(75) == "1m15s" and format_eta(3725) == "1h02m"
+
+
+@pytest.mark.parametrize("kwargs,env,shown", [
+    ({}, {}, True),
+    ({"allow_training": False}, {}, False),
+    ({}, {"SPACE_ID": "someone/studio"}, False),
+])
+def test_training_is_off_on_spaces_and_with_no_train(tmp_path, monkeypatch, kwargs, env, shown):
+    from studio.app import build_app
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    demo = build_app(registry=ModelRegistry("cpu"), runs_dir=str(tmp_path / "runs"), **kwargs)
+    config = demo.get_config_file()
+    ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+    assert ("train_launch" in ids) is shown
+    assert ("train_off" in ids) is not shown
+    labels = [c.get("props", {}).get("label") for c in config["components"]]
+    assert "Distill / train" in labels
