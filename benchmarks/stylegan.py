@@ -255,13 +255,16 @@ def main() -> None:
                            outlier_rate=float(cfg.get("outlier_rate", 0.1)), workers=2,
                            cache=ROOT / "runs" / "cache" / f"bank_train_n{args.filter_images}_s{res}_seed{int(cfg.get('seed', 0))}_out.npz")
         images = bank.images.float().div(127.5).sub(1.0)
-        scores, t_filter = timed(lambda: self_filter_scores(G_raw, images, steps=args.filter_steps, evaluator=evaluator,
-                                                            batch_size=128, generator=torch.Generator().manual_seed(0)))
+        raw_encoder = load_encoder(raw_folder / "encoder", device=device) if (raw_folder / "encoder").is_dir() else None
+        scores, t_filter = timed(lambda: self_filter_scores(G_raw, images, steps=args.filter_steps, encoder=raw_encoder,
+                                                            evaluator=evaluator, batch_size=128,
+                                                            generator=torch.Generator().manual_seed(0)))
         rate = float(bank.is_outlier.float().mean())
         combined = filter_report(scores.scores, bank.is_outlier, rate)
         recon = filter_report(_robust_z(scores.reconstruction_error), bank.is_outlier, rate)
         figures.update({
-            "selffilter_images": len(images), "selffilter_outlier_share": rate, "selffilter_steps": args.filter_steps,
+            "selffilter_images": len(images), "selffilter_outlier_share": rate,
+            "selffilter_inversion": "encoder" if raw_encoder is not None else f"W optimisation, {args.filter_steps} steps",
             "selffilter_precision": combined["precision"], "selffilter_recall": combined["recall"],
             "selffilter_precision_reconstruction_only": recon["precision"],
             "selffilter_recall_reconstruction_only": recon["recall"],

@@ -3,8 +3,11 @@ of a training bank with a generator trained on it (raw, outliers included), drop
 write the exclude list the retrain reads (``train_stylegan2 --exclude_file``)::
 
     python -m pipelines.training.self_filter --generator runs/sg2_raw64/generator \\
-        --bank_size 10000 --outlier_rate 0.1 --bank_cache runs/cache/bank_train_n20000_s64_seed0_out10.npz \\
-        --steps 10 --rate 0.1 --out runs/sg2_raw64/self_filter
+        --encoder runs/sg2_raw64_encoder/encoder --bank_size 10000 --outlier_rate 0.1 \\
+        --bank_cache runs/cache/bank_train_n20000_s64_seed0_out10.npz --rate 0.1 --out runs/sg2_raw64/self_filter
+
+Each image is inverted by the generator's encoder (one pass) or, without one, by ``steps`` of W
+optimisation (slow on a CPU: about 20 image-steps per second at 64 px).
 
 The bank must be the one the generator trained on (same size, seed and outlier rate). As the
 portrait world knows which images are outliers, the report gives the filter's precision and
@@ -38,6 +41,8 @@ class SelfFilterConfig:
     """Score a training bank with its raw generator; write the exclude list and a report."""
 
     generator: str = "runs/sg2_raw64/generator"
+    encoder: Optional[str] = None  # an e4e encoder of that generator: one pass per image instead of
+    #                                 `steps` of W optimisation (the only affordable way on a CPU)
     evaluator: Optional[str] = "assets/evaluator"  # features + outlier head; 'none' = reconstruction only
     out: str = "runs/self_filter"  # folder for exclude.json and report.json
     device: str = "auto"
@@ -53,6 +58,8 @@ class SelfFilterConfig:
     def validate(self) -> None:
         if not Path(self.generator).exists():
             raise ValueError(f"generator {self.generator!r} does not exist")
+        if self.encoder not in (None, "", "none") and not Path(self.encoder).is_dir():
+            raise ValueError(f"encoder {self.encoder!r} is not an encoder folder")
         if self.evaluator not in (None, "", "none") and not Path(self.evaluator).exists():
             raise ValueError(f"evaluator {self.evaluator!r} does not exist")
         for name in ("bank_size", "steps", "batch_size"):
@@ -77,13 +84,18 @@ def run(config: SelfFilterConfig, command: str | None = None) -> dict:
     config.validate()
     device = select_device(config.device)
     G = load_generator(config.generator, device=device)
+    encoder = None
+    if config.encoder not in (None, "", "none"):
+        from pipelines.stylegan_inversion import load_encoder
+        encoder = load_encoder(config.encoder, device=device)
     evaluator = (Evaluator.from_pretrained(config.evaluator, device=device)
                  if config.evaluator not in (None, "", "none") else None)
     bank = render_bank(config.bank_size, size=G.img_resolution, seed=config.seed, split="train",
                        outlier_rate=config.outlier_rate, workers=config.workers, cache=config.bank_cache)
     t0 = time.time()
     images = bank.images.float().div(127.5).sub(1.0)
-    scores = self_filter_scores(G, images, steps=config.steps, evaluator=evaluator, batch_size=config.batch_size,
+    scores = self_filter_scores(G, images, steps=config.steps, encoder=encoder, evaluator=evaluator,
+                                batch_size=config.batch_size,
                                 generator=torch.Generator(device=device).manual_seed(config.seed),
                                 callback=lambda i, n, _p: print(f"scored {i}/{n}", flush=True) if i % 2048 < config.batch_size else None)
     seconds = time.time() - t0

@@ -66,3 +66,18 @@ def test_self_filter_script_writes_an_exclude_list_and_a_report(assets, tmp_path
     assert len(excluded) == 10 and all(0 <= i < 40 for i in excluded) and excluded == sorted(excluded)
     assert report["combined"]["outliers"] == report["reconstruction_only"]["outliers"] > 0
     assert json.loads((tmp_path / "sf" / "report.json").read_text())["combined"] == report["combined"]
+
+
+def test_self_filter_with_an_encoder_is_one_pass(assets, tmp_path):
+    from models.stylegan2.encoder import StyleGANEncoder
+    from pipelines.stylegan_inversion import save_encoder
+
+    torch.manual_seed(3)
+    save_encoder(StyleGANEncoder(6, 16, 16, channel_base=64, channel_max=16), tmp_path / "enc")
+    cfg = SelfFilterConfig(generator=str(assets / "G"), encoder=str(tmp_path / "enc"), evaluator="none",
+                           out=str(tmp_path / "sf"), device="cpu", bank_size=40, outlier_rate=0.25, rate=0.25,
+                           batch_size=40, workers=1, bank_cache=str(tmp_path / "bank.npz"))
+    report = run(cfg)
+    assert report["combined"] == report["reconstruction_only"]  # no evaluator: reconstruction alone
+    with pytest.raises(ValueError, match="encoder"):
+        SelfFilterConfig(generator=str(assets / "G"), encoder=str(tmp_path / "missing")).validate()
