@@ -327,7 +327,10 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
 
         source_outputs = [session, target, before, info]
         queue = dict(concurrency_id=GPU_QUEUE)
-        generator.change(on_generator, generator, control_outputs, api_name=False)
+        # a new generator: its controls, then a sample of it (a latent belongs to one generator)
+        generator.change(on_generator, generator, control_outputs, api_name=False).then(
+            on_sample, [generator, seed], source_outputs, api_name=False, **queue).then(
+            on_edit, edit_inputs, [after, pasted, reading], api_name=False, **queue)
         for comp in (sefa_first, sefa_last):
             comp.release(on_sefa_layers, [generator, sefa_first, sefa_last], sefa, api_name=False)
         random_seed.click(lambda: str(secrets.randbelow(MAX_SEED + 1)), None, seed, api_name=False).then(
@@ -349,8 +352,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
             comp.change(on_edit, edit_inputs, [after, pasted, reading], api_name=False, trigger_mode="always_last",
                         **queue)
         export_button.click(on_export, edit_inputs, exported, api_name=False, **queue)
-        import_button.click(on_import, import_files, generator, api_name=False, **queue).then(
-            on_generator, generator, control_outputs, api_name=False)
+        import_button.click(on_import, import_files, generator, api_name=False, **queue)  # .change does the rest
         if default:
             demo.load(on_generator, generator, control_outputs, api_name=False).then(
                 on_sample, [generator, seed], source_outputs, api_name=False, **queue).then(
