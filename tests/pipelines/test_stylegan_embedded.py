@@ -1,0 +1,60 @@
+"""The embedded StyleGAN2 and what ships beside it: it draws portraits, its encoder inverts them,
+its directions edit them, and the raw (unfiltered) generator is there for self-filtering."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.data.portrait_world import PortraitWorld
+from pipelines.evaluation import EMBEDDED_EVALUATOR, Evaluator
+from pipelines.stylegan_session import StyleGANEditor
+from studio.registry import ASSETS_DIR, default_registry
+
+pytestmark = pytest.mark.weights
+FOLDER = ASSETS_DIR / "stylegan2_portraits64"
+
+
+@pytest.fixture(scope="module")
+def editor():
+    return StyleGANEditor.from_folder(FOLDER, evaluator=Evaluator.from_pretrained(EMBEDDED_EVALUATOR))
+
+
+def test_the_embedded_generator_is_registered_and_fp16_with_a_card():
+    reg = default_registry("cpu")
+    assert "Portrait StyleGAN2-ADA 64 px (embedded)" in reg.names("stylegan2")
+    card = json.loads((FOLDER / "card.json").read_text())
+    assert "train_stylegan2" in card["command"] and card["config"]["init_from"]
+    from safetensors import safe_open
+    with safe_open(str(FOLDER / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("synthesis.b64.conv1.weight").dtype == torch.float16
+    raw = json.loads((ASSETS_DIR / "stylegan2_portraits64_raw" / "card.json").read_text())
+    assert raw["config"]["outlier_rate"] == 0.1
+
+
+def test_samples_look_like_portraits_to_the_evaluator(editor):
+    images = [editor.render(editor.sample(seed)) for seed in range(24)]
+    outlier = editor.evaluator.run(images)["outlier_score"]
+    assert float((outlier < 0.5).float().mean()) >= 0.75
+    assert np.asarray(images[0]).std() > 10  # not a flat image
+
+
+def test_the_encoder_inverts_a_held_out_portrait_better_than_the_mean(editor):
+    world = PortraitWorld()
+    image = world.render(world.sample_attributes(np.random.default_rng(1), split="heldout"), seed=77, size=64).image
+    s = editor.invert(image, method="encoder")
+    mean = editor.sample(0)
+    mean.w_plus = editor.G.mapping.w_avg.float().expand(1, editor.num_ws, -1).clone()
+    target = np.asarray(s.target, dtype=float)
+    assert np.abs(np.asarray(editor.render(s), float) - target).mean() < np.abs(
+        np.asarray(editor.render(mean), float) - target).mean()
+
+
+def test_the_glasses_direction_puts_glasses_on(editor):
+    assert {"Smile", "Glasses"} <= set(editor.named_edits())
+    sessions = [editor.sample(seed) for seed in range(40)]
+    before = [editor.read(editor.render(s))["glasses"] for s in sessions]
+    todo = [s for s, b in zip(sessions, before) if b == "no"][:12]
+    after = [editor.read(editor.render(s, editor.edit_latent(s, edits={"Glasses": 3.0})))["glasses"] for s in todo]
+    assert np.mean([a == "yes" for a in after]) >= 0.75
