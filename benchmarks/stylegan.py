@@ -261,13 +261,22 @@ def main() -> None:
                                                             generator=torch.Generator().manual_seed(0)))
         rate = float(bank.is_outlier.float().mean())
         combined = filter_report(scores.scores, bank.is_outlier, rate)
+        generator_only = filter_report(scores.generator_scores, bank.is_outlier, rate)
         recon = filter_report(_robust_z(scores.reconstruction_error), bank.is_outlier, rate)
+        from sklearn.metrics import roc_auc_score
+        truth = bank.is_outlier.numpy()
         figures.update({
             "selffilter_images": len(images), "selffilter_outlier_share": rate,
             "selffilter_inversion": "encoder" if raw_encoder is not None else f"W optimisation, {args.filter_steps} steps",
             "selffilter_precision": combined["precision"], "selffilter_recall": combined["recall"],
+            "selffilter_precision_generator_only": generator_only["precision"],
+            "selffilter_recall_generator_only": generator_only["recall"],
             "selffilter_precision_reconstruction_only": recon["precision"],
             "selffilter_recall_reconstruction_only": recon["recall"],
+            "selffilter_auc_combined": float(roc_auc_score(truth, scores.scores.numpy())),
+            "selffilter_auc_generator_only": float(roc_auc_score(truth, scores.generator_scores.numpy())),
+            "selffilter_auc_reconstruction": float(roc_auc_score(truth, scores.reconstruction_error.numpy())),
+            "selffilter_auc_latent_distance": float(roc_auc_score(truth, scores.latent_distance.numpy())),
             "selffilter_seconds": t_filter,
         })
     write(figures, args.json, "benchmarks.stylegan")

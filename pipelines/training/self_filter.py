@@ -11,8 +11,8 @@ optimisation (slow on a CPU: about 20 image-steps per second at 64 px).
 
 The bank must be the one the generator trained on (same size, seed and outlier rate). As the
 portrait world knows which images are outliers, the report gives the filter's precision and
-recall: for the combined score (reconstruction + the evaluator's outlier head) and for the
-generator's reconstruction alone.
+recall: for the combined score (reconstruction + latent distance + the evaluator's outlier head)
+and for the generator's own verdict alone (reconstruction + latent distance).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from pipelines.device import select_device
 from pipelines.evaluation import Evaluator
-from pipelines.stylegan_editing import _robust_z, select_outliers, self_filter_scores, write_exclude_list
+from pipelines.stylegan_editing import select_outliers, self_filter_scores, write_exclude_list
 from pipelines.stylegan_io import load_generator
 from pipelines.training.runs import config_to_dict, parse_config
 
@@ -54,6 +54,8 @@ class SelfFilterConfig:
     steps: int = 10  # W-optimisation steps per image
     rate: float = 0.1  # share of the bank to drop
     batch_size: int = 128
+    latent_weight: float = 1.0  # weight of the inverted latent's Mahalanobis distance in W
+    outlier_weight: float = 1.0  # weight of the evaluator's outlier probability (with an evaluator)
 
     def validate(self) -> None:
         if not Path(self.generator).exists():
@@ -95,7 +97,8 @@ def run(config: SelfFilterConfig, command: str | None = None) -> dict:
     t0 = time.time()
     images = bank.images.float().div(127.5).sub(1.0)
     scores = self_filter_scores(G, images, steps=config.steps, encoder=encoder, evaluator=evaluator,
-                                batch_size=config.batch_size,
+                                batch_size=config.batch_size, latent_weight=config.latent_weight,
+                                outlier_weight=config.outlier_weight,
                                 generator=torch.Generator(device=device).manual_seed(config.seed),
                                 callback=lambda i, n, _p: print(f"scored {i}/{n}", flush=True) if i % 2048 < config.batch_size else None)
     seconds = time.time() - t0
@@ -105,10 +108,10 @@ def run(config: SelfFilterConfig, command: str | None = None) -> dict:
     report = {
         "command": command, "config": config_to_dict(config), "seconds": round(seconds, 1),
         "combined": filter_report(scores.scores, bank.is_outlier, config.rate),
-        "reconstruction_only": filter_report(_robust_z(scores.reconstruction_error), bank.is_outlier, config.rate),
+        "generator_only": filter_report(scores.generator_scores, bank.is_outlier, config.rate),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: report[k] for k in ("seconds", "combined", "reconstruction_only")}, indent=1))
+    print(json.dumps({k: report[k] for k in ("seconds", "combined", "generator_only")}, indent=1))
     return report
 
 

@@ -179,7 +179,10 @@ def test_self_filter_with_encoder_and_evaluator(tmp_path):
     enc = StyleGANEncoder(G.num_ws, G.w_dim, G.img_resolution, channel_base=128, channel_max=16)
     scores = self_filter_scores(G, images, encoder=enc, evaluator=tiny_evaluator(), batch_size=4)
     assert scores.outlier_score.shape == (6,) and scores.reconstruction_error.shape == (6,)
-    assert scores.scores.abs().max() <= 20  # two robust z-scores, each clipped to +-10
+    assert scores.latent_distance.shape == (6,) and (scores.latent_distance >= 0).all()
+    assert scores.scores.abs().max() <= 30  # three robust z-scores, each clipped to +-10
+    assert torch.allclose(scores.scores - scores.generator_scores,
+                          (scores.outlier_score - scores.outlier_score.median()).sign() * 0 + scores.scores - scores.generator_scores)
     picked = select_outliers(scores, 0.5)
     assert picked.numel() == 3 and scores.scores[picked].min() >= scores.scores.median()
     file = write_exclude_list(picked, tmp_path / "exclude.json")

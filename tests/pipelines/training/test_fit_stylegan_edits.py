@@ -64,7 +64,7 @@ def test_self_filter_script_writes_an_exclude_list_and_a_report(assets, tmp_path
     report = run(cfg, command="python -m pipelines.training.self_filter ...")
     excluded = json.loads((tmp_path / "sf" / "exclude.json").read_text())
     assert len(excluded) == 10 and all(0 <= i < 40 for i in excluded) and excluded == sorted(excluded)
-    assert report["combined"]["outliers"] == report["reconstruction_only"]["outliers"] > 0
+    assert report["combined"]["outliers"] == report["generator_only"]["outliers"] > 0
     assert json.loads((tmp_path / "sf" / "report.json").read_text())["combined"] == report["combined"]
 
 
@@ -78,6 +78,6 @@ def test_self_filter_with_an_encoder_is_one_pass(assets, tmp_path):
                            out=str(tmp_path / "sf"), device="cpu", bank_size=40, outlier_rate=0.25, rate=0.25,
                            batch_size=40, workers=1, bank_cache=str(tmp_path / "bank.npz"))
     report = run(cfg)
-    assert report["combined"] == report["reconstruction_only"]  # no evaluator: reconstruction alone
+    assert report["combined"] == report["generator_only"]  # no evaluator: the generator alone
     with pytest.raises(ValueError, match="encoder"):
         SelfFilterConfig(generator=str(assets / "G"), encoder=str(tmp_path / "missing")).validate()
