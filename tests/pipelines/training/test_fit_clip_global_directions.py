@@ -1,0 +1,63 @@
+"""Global directions for a tiny random generator and CLIP: written into the generator folder with a
+card, loaded back by the CLIP editor, and refused for bad settings before any work."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from models.stylegan2 import Generator
+from pipelines.clip_edit import GlobalDirections
+from pipelines.clip_models import load_clip, save_clip
+from pipelines.stylegan_io import load_generator, save_generator
+from pipelines.training.fit_clip_global_directions import GlobalDirectionsConfig, fit, main
+
+pytestmark = pytest.mark.slow
+
+TINY = "PortraitCLIP-Test-Directions"
+TINY_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def assets(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(tmp_path / "cfg")
+    torch.manual_seed(0)
+    G = Generator(z_dim=16, c_dim=0, w_dim=16, img_resolution=16, img_channels=3, mapping_kwargs={"num_layers": 1},
+                  synthesis_kwargs={"channel_base": 256, "channel_max": 16})
+    save_generator(G, tmp_path / "G")
+    save_clip(open_clip.create_model(TINY), tmp_path / "clip", model_name=TINY, fp16=False)
+    return tmp_path
+
+
+def test_directions_are_written_into_the_generator_folder_and_fit_it(assets):
+    out = main(["--generator", str(assets / "G"), "--clip", str(assets / "clip"), "--num_samples", "2",
+                "--std_samples", "64", "--channel_batch", "16", "--device", "cpu"])
+    assert out == assets / "G" / "clip_global_directions"
+    card = json.loads((out / "card.json").read_text())
+    assert "fit_clip_global_directions" in card["command"] and card["figures"]["channels"] == 80
+    directions = GlobalDirections.load(out)
+    assert directions.meta["num_samples"] == 2 and not directions.meta["include_torgb"]
+    directions.check(load_generator(assets / "G"), load_clip(assets / "clip"))
+
+
+def test_bad_settings_are_refused_before_work(assets):
+    with pytest.raises(ValueError, match="num_samples"):
+        fit(GlobalDirectionsConfig(generator=str(assets / "G"), clip=str(assets / "clip"), num_samples=0))
+    with pytest.raises(ValueError, match="train the embedded one"):
+        fit(GlobalDirectionsConfig(generator=str(assets / "G"), clip=str(assets / "nope")))
+    assert not (assets / "G" / "clip_global_directions").exists()
