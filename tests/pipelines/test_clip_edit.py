@@ -3,14 +3,12 @@ optimisation, global directions, the mapper edit, and the editor's messages and 
 
 from __future__ import annotations
 
-import json
 
 import open_clip
 import pytest
 import torch
 
 from models.clip_mapper import CLIPTextMapper
-from models.evaluator import AttributeEvaluator
 from models.stylegan2 import Generator
 from pipelines.clip_edit import (NEUTRAL_TEXT, GlobalDirections, StyleSpace, clip_probe, edit_phrase, global_edit,
                                  load_mapper, mapper_edit, optimise_edit, probe_similarity, prompts_for, save_mapper,
@@ -18,16 +16,11 @@ from pipelines.clip_edit import (NEUTRAL_TEXT, GlobalDirections, StyleSpace, cli
 from pipelines.clip_edit_session import CLIPEditor
 from pipelines.clip_models import LoadedCLIP
 from pipelines.data.portrait_world import ATTRIBUTES
-from pipelines.evaluation import Evaluator
 from pipelines.stylegan_inversion import synthesize
 from pipelines.stylegan_session import StyleGANEditor
+from tests._tiny import register_tiny_clip, tiny_generator, tiny_world_evaluator
 
 TINY = "PortraitCLIP-Test-ClipEdit"
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,25 +32,13 @@ def one_thread():
 
 
 def tiny_clip(tmp_path_factory, seed: int = 0) -> LoadedCLIP:
-    cfg_dir = tmp_path_factory.mktemp("clip_cfg")
-    (cfg_dir / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(cfg_dir)
+    register_tiny_clip(tmp_path_factory.mktemp("clip_cfg"), TINY)
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(TINY)
     return LoadedCLIP(model.eval(), preprocess, open_clip.get_tokenizer(TINY))
 
 
-def tiny_generator(seed: int = 0) -> Generator:
-    torch.manual_seed(seed)
-    return Generator(z_dim=16, c_dim=0, w_dim=16, img_resolution=16, img_channels=3,
-                     mapping_kwargs={"num_layers": 2},
-                     synthesis_kwargs={"channel_base": 256, "channel_max": 16}).eval()
-
-
-def tiny_evaluator() -> Evaluator:
-    torch.manual_seed(1)
-    return Evaluator(AttributeEvaluator([(n, len(v)) for n, v in ATTRIBUTES.items()], resolution=16, width=8,
-                                        feature_dim=16))
+tiny_evaluator = tiny_world_evaluator
 
 
 @pytest.fixture(scope="module")

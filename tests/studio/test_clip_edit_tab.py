@@ -1,30 +1,21 @@
 """The CLIP edit tab: built with tiny models (its controls and API), hidden without a CLIP, and its
 handlers: a typed edit changes the portrait, undo steps back, bad input gives a message."""
 
-import json
 
 import gradio as gr
 import open_clip
 import pytest
 import torch
 
-from models.evaluator import AttributeEvaluator
-from models.stylegan2 import Generator
 from pipelines.clip_edit import GlobalDirections
 from pipelines.clip_models import save_clip
-from pipelines.data.portrait_world import ATTRIBUTES
-from pipelines.evaluation import Evaluator
 from pipelines.stylegan_io import save_generator
 from studio.registry import ModelRegistry, add_local
 from studio.tabs import clip_edit
+from tests._tiny import register_tiny_clip, tiny_generator, tiny_world_evaluator
 from studio.tabs.clip_edit import CLIPEditorCache, apply_text_edit, start_from_sample, start_from_session, undo_edit
 
 TINY = "PortraitCLIP-Test-Tab"
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,16 +29,10 @@ def one_thread():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    (root / "cfg").mkdir()
-    (root / "cfg" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(root / "cfg")
-    torch.manual_seed(0)
-    G = Generator(z_dim=16, c_dim=0, w_dim=16, img_resolution=16, img_channels=3, mapping_kwargs={"num_layers": 1},
-                  synthesis_kwargs={"channel_base": 256, "channel_max": 16})
-    save_generator(G, root / "G")
+    register_tiny_clip(root / "cfg", TINY)
+    save_generator(tiny_generator(0, map_layers=1), root / "G")
     save_clip(open_clip.create_model(TINY), root / "clip", model_name=TINY, fp16=False)
-    Evaluator(AttributeEvaluator([(n, len(v)) for n, v in ATTRIBUTES.items()], resolution=16, width=8,
-                                 feature_dim=16)).save_pretrained(root / "evaluator", fp16=False)
+    tiny_world_evaluator().save_pretrained(root / "evaluator", fp16=False)
     return root
 
 

@@ -7,20 +7,15 @@ import open_clip
 import pytest
 import torch
 
-from models.stylegan2 import Generator
 from pipelines.clip_edit import GlobalDirections
 from pipelines.clip_models import load_clip, save_clip
 from pipelines.stylegan_io import load_generator, save_generator
 from pipelines.training.fit_clip_global_directions import GlobalDirectionsConfig, fit, main
+from tests._tiny import register_tiny_clip, tiny_generator
 
 pytestmark = pytest.mark.slow
 
 TINY = "PortraitCLIP-Test-Directions"
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,13 +28,8 @@ def one_thread():
 
 @pytest.fixture
 def assets(tmp_path):
-    (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(tmp_path / "cfg")
-    torch.manual_seed(0)
-    G = Generator(z_dim=16, c_dim=0, w_dim=16, img_resolution=16, img_channels=3, mapping_kwargs={"num_layers": 1},
-                  synthesis_kwargs={"channel_base": 256, "channel_max": 16})
-    save_generator(G, tmp_path / "G")
+    register_tiny_clip(tmp_path / "cfg", TINY)
+    save_generator(tiny_generator(0, map_layers=1), tmp_path / "G")
     save_clip(open_clip.create_model(TINY), tmp_path / "clip", model_name=TINY, fp16=False)
     return tmp_path
 

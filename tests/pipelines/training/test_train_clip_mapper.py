@@ -7,25 +7,18 @@ import open_clip
 import pytest
 import torch
 
-from models.evaluator import AttributeEvaluator
-from models.stylegan2 import Generator
 from models.stylegan2.encoder import StyleGANEncoder
 from pipelines.clip_edit import clip_probe, load_mapper, mapper_edit, probe_similarity
 from pipelines.clip_models import load_clip, save_clip
 from pipelines.data.portrait_world import ATTRIBUTES
-from pipelines.evaluation import Evaluator
 from pipelines.stylegan_inversion import save_encoder
 from pipelines.stylegan_io import save_generator
 from pipelines.training.train_clip_mapper import ClipMapperTrainConfig, sample_texts, train
+from tests._tiny import register_tiny_clip, tiny_generator, tiny_world_evaluator
 
 pytestmark = pytest.mark.slow
 
 TINY = "PortraitCLIP-Test-Mapper"
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,18 +32,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    (root / "cfg").mkdir()
-    (root / "cfg" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(root / "cfg")
-    torch.manual_seed(0)
-    G = Generator(z_dim=16, c_dim=0, w_dim=16, img_resolution=16, img_channels=3, mapping_kwargs={"num_layers": 2},
-                  synthesis_kwargs={"channel_base": 256, "channel_max": 16})
+    register_tiny_clip(root / "cfg", TINY)
+    G = tiny_generator(0)
     save_generator(G, root / "G")
     encoder = StyleGANEncoder(G.num_ws, G.w_dim, G.img_resolution, G.img_channels, channel_base=128, channel_max=16)
     save_encoder(encoder, root / "G" / "encoder")
     save_clip(open_clip.create_model(TINY), root / "clip", model_name=TINY, fp16=False)
-    Evaluator(AttributeEvaluator([(n, len(v)) for n, v in ATTRIBUTES.items()], resolution=16, width=8,
-                                 feature_dim=16)).save_pretrained(root / "ev", fp16=False)
+    tiny_world_evaluator().save_pretrained(root / "ev", fp16=False)
     return root
 
 
