@@ -12,7 +12,6 @@ as ``model.safetensors`` + ``config.json`` (:func:`save_sketch_encoder`).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -52,41 +51,22 @@ Callback = Callable[[int, int, "Image.Image | None"], None]
 def save_sketch_encoder(encoder: SketchEncoder, folder: str | os.PathLike[str], *, generator_source: str | None = None,
                         teacher_source: str | None = None, fp16: bool = False) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (init kwargs, the generator and teacher it was
-    trained with)."""
-    from safetensors.torch import save_file
+    trained with), tagged as a sketch encoder so an image-encoder loader refuses it."""
+    from pipelines.stylegan_inversion import save_encoder
 
     if not isinstance(encoder, SketchEncoder):
         raise TypeError(f"save_sketch_encoder expects a SketchEncoder, got {type(encoder).__name__}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    dtype = torch.float16 if fp16 else torch.float32
-    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous().clone()
-             for k, v in encoder.state_dict().items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "architecture": SKETCH_ENCODER_ARCHITECTURE})
-    os.replace(tmp, folder / "model.safetensors")
-    config = {"architecture": SKETCH_ENCODER_ARCHITECTURE, "init_kwargs": encoder.init_kwargs,
-              "generator": generator_source, "teacher": teacher_source}
-    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    return folder
+    return save_encoder(encoder, folder, generator_source=generator_source, fp16=fp16,
+                        architecture=SKETCH_ENCODER_ARCHITECTURE, teacher=teacher_source)
 
 
 def load_sketch_encoder(folder: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> SketchEncoder:
     """Load a sketch encoder written by :func:`save_sketch_encoder` (eval mode, float32)."""
-    from safetensors.torch import load_file
+    from pipelines.stylegan_inversion import load_encoder
 
-    folder = Path(folder)
-    config_file, weights = folder / "config.json", folder / "model.safetensors"
-    if not config_file.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{folder} is not a sketch encoder folder (needs config.json and model.safetensors); "
-                                "train one with `python -m pipelines.training.train_sketch_encoder`")
-    config = json.loads(config_file.read_text())
-    if config.get("architecture") != SKETCH_ENCODER_ARCHITECTURE:
-        raise ValueError(f"{config_file}: architecture {config.get('architecture')!r} is not "
-                         f"{SKETCH_ENCODER_ARCHITECTURE!r} (an image encoder cannot read sketches)")
-    encoder = SketchEncoder(**config["init_kwargs"])
-    encoder.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()}, strict=True)
-    return encoder.to(device).eval()
+    return load_encoder(folder, device=device, architecture=SKETCH_ENCODER_ARCHITECTURE, cls=SketchEncoder,
+                        what="a sketch encoder", script="train_sketch_encoder",
+                        mismatch_hint="an image encoder cannot read sketches")
 
 
 def sketch_to_tensor(sketches: Image.Image | Sequence[Image.Image], size: int) -> torch.Tensor:

@@ -498,8 +498,9 @@ def pivotal_tuning(
 
 
 def save_encoder(encoder: StyleGANEncoder, folder: str | os.PathLike[str], *, generator_source: str | None = None,
-                 fp16: bool = False) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (init kwargs, the generator it was trained for)."""
+                 fp16: bool = False, architecture: str = ENCODER_ARCHITECTURE, **extra: Any) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (``architecture``, init kwargs, the generator
+    it was trained for, and any ``extra`` JSON fields)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -508,27 +509,31 @@ def save_encoder(encoder: StyleGANEncoder, folder: str | os.PathLike[str], *, ge
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in encoder.state_dict().items()}
     tmp = folder / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "architecture": ENCODER_ARCHITECTURE})
+    save_file(state, str(tmp), metadata={"format": "pt", "architecture": architecture})
     os.replace(tmp, folder / "model.safetensors")
-    config = {"architecture": ENCODER_ARCHITECTURE, "init_kwargs": encoder.init_kwargs,
-              "generator": generator_source}
+    config = {"architecture": architecture, "init_kwargs": encoder.init_kwargs, "generator": generator_source, **extra}
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return folder
 
 
-def load_encoder(folder: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> StyleGANEncoder:
-    """Load an encoder written by :func:`save_encoder` (eval mode, float32)."""
+def load_encoder(folder: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                 architecture: str = ENCODER_ARCHITECTURE, cls: type[nn.Module] = StyleGANEncoder,
+                 what: str = "an encoder", script: str = "train_stylegan_encoder",
+                 mismatch_hint: str = "") -> nn.Module:
+    """Load an encoder written by :func:`save_encoder` (eval mode, float32); the folder's
+    architecture tag must be ``architecture`` (``cls`` builds it)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     config_file, weights = folder / "config.json", folder / "model.safetensors"
     if not config_file.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{folder} is not an encoder folder (needs config.json and model.safetensors); "
-                                "train one with `python -m pipelines.training.train_stylegan_encoder`")
+        raise FileNotFoundError(f"{folder} is not {what} folder (needs config.json and model.safetensors); "
+                                f"train one with `python -m pipelines.training.{script}`")
     config = json.loads(config_file.read_text())
-    if config.get("architecture") != ENCODER_ARCHITECTURE:
-        raise ValueError(f"{config_file}: architecture {config.get('architecture')!r} is not {ENCODER_ARCHITECTURE!r}")
-    encoder = StyleGANEncoder(**config["init_kwargs"])
+    if config.get("architecture") != architecture:
+        raise ValueError(f"{config_file}: architecture {config.get('architecture')!r} is not {architecture!r}"
+                         + (f" ({mismatch_hint})" if mismatch_hint else ""))
+    encoder = cls(**config["init_kwargs"])
     encoder.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()}, strict=True)
     return encoder.to(device).eval()
 
