@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument("--fd_samples", type=int, default=2000)
     p.add_argument("--inversion_images", type=int, default=16)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--pti_steps", type=int, default=200)
+    p.add_argument("--pti_steps", type=int, default=350, help="PTI steps (Roich et al.: 350 at lr 3e-4)")
     p.add_argument("--edit_images", type=int, default=64)
     p.add_argument("--edit_inversion", default="encoder", choices=["encoder", "optimise-w+"])
     p.add_argument("--edit_distance", type=float, default=2.0)
