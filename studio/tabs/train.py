@@ -140,23 +140,20 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: b
             return (rows, gr.update(choices=names, value=selected),
                     pd.DataFrame(points or {"step": [], "value": [], "series": []}), image, text)
 
-        def on_cancel(selected: str | None):
-            if not selected:
-                raise gr.Error("choose a run first")
-            try:
-                manager.cancel(selected)
-            except RunError as exc:
-                raise gr.Error(str(exc)) from None
-            return f"**{selected}** cancelled (its last checkpoint is kept; Resume continues it)"
+        def run_action(action, done: str):
+            """A button handler calling ``action(run name)`` with the run chosen in the list."""
+            def handler(selected: str | None):
+                if not selected:
+                    raise gr.Error("choose a run first")
+                try:
+                    action(selected)
+                except RunError as exc:
+                    raise gr.Error(str(exc)) from None
+                return f"**{selected}** {done}"
+            return handler
 
-        def on_resume(selected: str | None):
-            if not selected:
-                raise gr.Error("choose a run first")
-            try:
-                manager.resume(selected)
-            except RunError as exc:
-                raise gr.Error(str(exc)) from None
-            return f"**{selected}** resumed from its last checkpoint"
+        on_cancel = run_action(manager.cancel, "cancelled (its last checkpoint is kept; Resume continues it)")
+        on_resume = run_action(manager.resume, "resumed from its last checkpoint")
 
         target_list = list(targets.items())
 

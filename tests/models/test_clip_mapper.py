@@ -7,12 +7,8 @@ from models.clip_mapper import CLIPTextMapper, default_groups
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from threads, and on a busy machine threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (the shared fixture in conftest.py)."""
 
 
 def test_default_groups_follow_styleclip_by_resolution():

@@ -24,11 +24,8 @@ TINY = "PortraitCLIP-Test-ClipEdit"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (the shared fixture in conftest.py)."""
 
 
 def tiny_clip(tmp_path_factory, seed: int = 0) -> LoadedCLIP:

@@ -22,11 +22,8 @@ TINY = "PortraitCLIP-Test-Mapper"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (the shared fixture in conftest.py)."""
 
 
 @pytest.fixture(scope="module")
