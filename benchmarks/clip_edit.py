@@ -198,7 +198,7 @@ def main() -> None:
         figures["mapper_success"] = map_m["edit_success"]
         figures["optimise_success"] = opt_m["edit_success"]
         figures["mapper_success_gap"] = opt_m["edit_success"] - map_m["edit_success"]
-    write(figures, args.json, "benchmarks.clip_edit")
+    write(figures, args.json, "benchmarks.clip_edit", card=Path(args.clip) if args.card else None)
 
 
 if __name__ == "__main__":

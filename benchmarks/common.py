@@ -18,6 +18,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--json", type=Path, help="write the figures here as JSON")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--card", action="store_true",
+                   help="also merge the figures (as benchmark_*) into the card of the model measured")
     return p
 
 
@@ -30,11 +32,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def write(figures: dict[str, Any], path: Path | None, name: str) -> None:
-    out = {"benchmark": name, "command": "python -m " + name + " " + " ".join(sys.argv[1:]),
+def write(figures: dict[str, Any], path: Path | None, name: str, card: Path | None = None) -> None:
+    """Print the figures as JSON, write them to ``path`` and, with ``card``, into that model card."""
+    command = "python -m " + name + " " + " ".join(sys.argv[1:])
+    out = {"benchmark": name, "command": command,
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "figures": figures}
     text = json.dumps(out, indent=1, default=float)
     print(text)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
+    if card is not None:
+        from pipelines.cards import add_figures
+
+        add_figures(card, figures, command=command)

@@ -112,7 +112,7 @@ def main() -> None:
                                                                 evaluator.features(real)) / fd_random
         figures["alignment_gain"] = figures["partial_sketch_attr_match"] - figures["baseline_partial_sketch_attr_match"]
         figures["alignment_fd_gain"] = figures["baseline_partial_fd_ratio"] - figures["partial_fd_ratio"]
-    write(figures, args.json, "benchmarks.sketch")
+    write(figures, args.json, "benchmarks.sketch", card=Path(enc_path) if args.card else None)
 
 
 if __name__ == "__main__":

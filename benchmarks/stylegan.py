@@ -279,7 +279,7 @@ def main() -> None:
             "selffilter_auc_latent_distance": float(roc_auc_score(truth, scores.latent_distance.numpy())),
             "selffilter_seconds": t_filter,
         })
-    write(figures, args.json, "benchmarks.stylegan")
+    write(figures, args.json, "benchmarks.stylegan", card=Path(args.generator) if args.card else None)
 
 
 if __name__ == "__main__":

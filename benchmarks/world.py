@@ -74,7 +74,7 @@ def main() -> None:
     figures.update({f"evaluator_{k}": v for k, v in ev.items() if k.startswith("acc_")})
 
     figures["app_cold_start_s"] = app_cold_start_s()
-    write(figures, args.json, "benchmarks.world")
+    write(figures, args.json, "benchmarks.world", card=Path(EMBEDDED_EVALUATOR) if args.card else None)
 
 
 if __name__ == "__main__":

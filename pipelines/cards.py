@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["write_card", "read_card"]
+__all__ = ["write_card", "read_card", "add_figures"]
 
 
 def write_card(folder: str | Path, *, title: str, task: str, architecture: str,
@@ -30,19 +30,42 @@ def write_card(folder: str | Path, *, title: str, task: str, architecture: str,
         "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "trained_on": _hardware(), "notes": notes,
     }
+    _write(folder, card)
+    return folder
+
+
+def _write(folder: Path, card: Mapping[str, Any]) -> None:
     (folder / "card.json").write_text(json.dumps(card, indent=1, default=str))
-    lines = [f"# {title}", "", f"- **Task**: {task}", f"- **Architecture**: {architecture}",
-             f"- **Source**: {source}", f"- **Hardware**: {card['trained_on']}"]
-    if command:
-        lines += ["", "## How it was made", "", "```bash", command, "```"]
-    if figures:
+    lines = [f"# {card['title']}", "", f"- **Task**: {card['task']}", f"- **Architecture**: {card['architecture']}",
+             f"- **Source**: {card['source']}", f"- **Hardware**: {card['trained_on']}"]
+    if card.get("command"):
+        lines += ["", "## How it was made", "", "```bash", card["command"], "```"]
+    if card.get("figures"):
         lines += ["", "## Measured figures", "", "| figure | value |", "|---|---|"]
-        lines += [f"| `{k}` | {_fmt(v)} |" for k, v in figures.items()]
-    if config:
-        lines += ["", "## Config", "", "```json", json.dumps(dict(config), indent=1, default=str), "```"]
-    if notes:
-        lines += ["", notes]
+        lines += [f"| `{k}` | {_fmt(v)} |" for k, v in card["figures"].items()]
+    if card.get("config"):
+        lines += ["", "## Config", "", "```json", json.dumps(dict(card["config"]), indent=1, default=str), "```"]
+    if card.get("notes"):
+        lines += ["", card["notes"]]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def add_figures(folder: str | Path, figures: Mapping[str, Any], *, prefix: str = "benchmark_",
+                command: str | None = None) -> Path:
+    """Merge ``figures`` (as ``<prefix><name>``, numbers only) into an existing card, e.g. a
+    benchmark's figures into the card of the model it measured; ``command`` is recorded in the notes."""
+    folder = Path(folder)
+    card = read_card(folder)
+    if not card:
+        raise FileNotFoundError(f"{folder} has no card.json to add figures to")
+    card["figures"] = {k: v for k, v in card.get("figures", {}).items() if not k.startswith(prefix)}
+    card["figures"].update({prefix + k: v for k, v in figures.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if command:
+        line = f"Figures `{prefix}*` from `{command}`."
+        notes = [n for n in card.get("notes", "").split("\n\n") if n and not n.startswith(f"Figures `{prefix}*`")]
+        card["notes"] = "\n\n".join([*notes, line])
+    _write(folder, card)
     return folder
 
 

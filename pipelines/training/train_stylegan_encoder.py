@@ -40,7 +40,7 @@ from models.stylegan2 import Generator
 from models.stylegan2.encoder import StyleGANEncoder
 from pipelines.device import select_device
 from pipelines.images import make_grid, tensor_to_pil
-from pipelines.stylegan_inversion import (EvaluatorPerceptualLoss, reconstruction_error, save_encoder, synthesize,
+from pipelines.stylegan_inversion import (EvaluatorPerceptualLoss, load_encoder, reconstruction_error, save_encoder, synthesize,
                                           w_statistics)
 from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config, restore_rng_state,
                                      seed_everything)
@@ -100,6 +100,7 @@ class EncoderTrainConfig:
     eval_images: int = 64  # held-out generator images for the final figures
 
     export_to: Optional[str] = None  # also write the encoder (with a card) here, e.g. assets/stylegan2_encoder
+    init_from: Optional[str] = None  # start from an exported encoder folder (e.g. after fine-tuning the generator)
 
     def validate(self) -> None:
         if self.pool_size < 0:
@@ -201,6 +202,14 @@ def train(config: EncoderTrainConfig, progress: Progress | None = None) -> Path:
         encoder = StyleGANEncoder(G.num_ws, G.w_dim, G.img_resolution, G.img_channels,
                                   input_resolution=config.input_resolution, channel_base=config.channel_base,
                                   channel_max=config.channel_max).to(device)
+        if config.init_from and not resuming:
+            # weights only: optimiser, step and RNG start fresh; w_avg is the new generator's
+            source = load_encoder(config.init_from)
+            try:
+                encoder.load_state_dict(source.state_dict())
+            except RuntimeError as exc:
+                raise ValueError(f"init_from {config.init_from} does not fit this encoder config: {exc}") from exc
+            print(f"initialised from {config.init_from}", flush=True)
         encoder.w_avg.copy_(w_avg)
         opt = torch.optim.Adam(encoder.parameters(), lr=config.lr)
         gen = torch.Generator(device).manual_seed(config.seed + 1)

@@ -23,6 +23,7 @@ from studio.validation import MAX_SEED, parse_seed
 __all__ = ["build", "sketch_generators", "PipelineCache", "draw"]
 
 CANVAS = 512
+EMPTY_NOTE = "✏️ Draw a face on the canvas (pick the brush at its left): the portrait follows every stroke."
 
 
 def sketch_generators(registry: ModelRegistry) -> list[str]:
@@ -74,11 +75,15 @@ def _canvas_image(value: Any) -> np.ndarray | None:
     return np.asarray(value)
 
 
-def draw(pipe: Any, image: Any, *, candidates: int, colour_seed: int) -> tuple[list, Any, str]:
-    """Run the pipeline on a canvas or an upload: ``(gallery items, prepared sketch, note markdown)``."""
+def draw(pipe: Any, image: Any, *, candidates: int, colour_seed: int, reference: Any = None) -> tuple[list, Any, str]:
+    """Run the pipeline on a canvas or an upload: ``(gallery items, prepared sketch, note markdown)``.
+    With a ``reference`` image, colours and fine style come from it (one candidate) instead of seeds."""
     if image is None:
-        return [], None, "✏️ Draw a face on the canvas: the portrait follows every stroke."
-    out = pipe(sketch=image, num_candidates=int(candidates), colour_seed=int(colour_seed))
+        return [], None, EMPTY_NOTE
+    if reference is not None:
+        out = pipe(sketch=image, num_candidates=1, reference_image=reference)
+    else:
+        out = pipe(sketch=image, num_candidates=int(candidates), colour_seed=int(colour_seed))
     items = [(img, f"colour seed {seed}" if seed is not None else "reference colours")
              for img, seed in zip(out.images, out.seeds)]
     ms = 1000 * sum(out.timings.values())
@@ -108,7 +113,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, send_to: Any = None, tabs
                                  elem_id="sketch_upload")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Portraits", columns=2, height=CANVAS, format="png", elem_id="sketch_gallery")
-                note = gr.Markdown("✏️ Draw a face on the canvas: the portrait follows every stroke.",
+                note = gr.Markdown(EMPTY_NOTE,
                                    elem_id="sketch_note")
                 with gr.Row():
                     generator = gr.Dropdown(generators, value=generators[0], label="Generator")
@@ -116,6 +121,9 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, send_to: Any = None, tabs
                 with gr.Row():
                     seed = gr.Textbox(value="0", label="Colour seed", scale=3, elem_id="sketch_seed")
                     random_seed = gr.Button("Random colours", scale=1)
+                reference = gr.Image(label="Colour reference (optional): colours and fine style from this portrait",
+                                     type="pil", image_mode="RGB", height=160, sources=["upload", "clipboard"],
+                                     elem_id="sketch_reference")
                 prepared = gr.Image(label="What the encoder reads", type="pil", format="png", interactive=False,
                                     height=160)
                 with gr.Row():
@@ -123,22 +131,24 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, send_to: Any = None, tabs
                     download = gr.Button("Download the portraits")
                 files = gr.File(label="Download", file_count="multiple", interactive=False)
 
-        def run(name: str, value: Any, n: float, seed_text: str):
+        def run(name: str, value: Any, n: float, seed_text: str, ref: Any):
             try:
                 image = _canvas_image(value)
-                items, sketch, text = draw(pipes.get(name), image, candidates=int(n), colour_seed=parse_seed(seed_text))
+                items, sketch, text = draw(pipes.get(name), image, candidates=int(n), colour_seed=parse_seed(seed_text),
+                                           reference=ref)
             except ValueError as exc:
                 raise gr.Error(str(exc)) from None
             return items, sketch, text
 
-        def run_upload(name: str, path: str | None, n: float, seed_text: str):
+        def run_upload(name: str, path: str | None, n: float, seed_text: str, ref: Any):
             if not path:
                 return gr.update(), gr.update(), gr.update()
             from pipelines.stylegan_session import load_upload
 
             try:
                 image, notes = load_upload(path)
-                items, sketch, text = draw(pipes.get(name), image, candidates=int(n), colour_seed=parse_seed(seed_text))
+                items, sketch, text = draw(pipes.get(name), image, candidates=int(n), colour_seed=parse_seed(seed_text),
+                                           reference=ref)
             except ValueError as exc:
                 raise gr.Error(str(exc)) from None
             return items, sketch, "  \n".join([text, *[f"⚠️ {n}" for n in notes]])
@@ -162,16 +172,16 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, send_to: Any = None, tabs
             from PIL import Image
             return Image.open(src).convert("RGB")
 
-        inputs = [generator, canvas, candidates, seed]
+        inputs = [generator, canvas, candidates, seed, reference]
         outputs = [gallery, prepared, note]
         canvas.change(run, inputs, outputs, api_name=False, trigger_mode="always_last", concurrency_id=GPU_QUEUE,
                       show_progress="hidden")
-        for comp in (candidates, generator):
+        for comp in (candidates, generator, reference):
             comp.change(run, inputs, outputs, api_name=False, trigger_mode="always_last", concurrency_id=GPU_QUEUE)
         seed.submit(run, inputs, outputs, api_name=False, concurrency_id=GPU_QUEUE)
         random_seed.click(lambda: str(secrets.randbelow(MAX_SEED + 1)), None, seed, api_name=False).then(
             run, inputs, outputs, api_name=False, concurrency_id=GPU_QUEUE)
-        upload.upload(run_upload, [generator, upload, candidates, seed], outputs, api_name="sketch_to_portrait",
+        upload.upload(run_upload, [generator, upload, candidates, seed, reference], outputs, api_name="sketch_to_portrait",
                       concurrency_id=GPU_QUEUE)
         download.click(save, gallery, files, api_name=False)
         if send_to is not None:

@@ -102,3 +102,19 @@ def test_real_world_images_join_with_image_losses_only(tmp_path, assets):
     assert (tmp_path / "run" / "real_bank.npz").is_file() and (folder / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="real_images"):
         _config(tmp_path, assets, real_images=-1).validate()
+
+
+def test_init_from_an_exported_encoder_starts_where_it_ended(tmp_path, assets):
+    trained = train(_config(tmp_path / "a", assets, steps=32, image_loss_every=0, sample_every=100,
+                            checkpoint_every=100))
+
+    def first_latent_loss(run_dir, **over):
+        train(_config(run_dir, assets, steps=1, image_loss_every=0, sample_every=100, checkpoint_every=100, **over))
+        rows = [json.loads(line) for line in (run_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [r["latent"] for r in rows if "latent" in r][0]
+
+    fresh = first_latent_loss(tmp_path / "b")
+    warm = first_latent_loss(tmp_path / "c", init_from=str(trained))
+    assert warm < 0.8 * fresh, (warm, fresh)
+    with pytest.raises(ValueError, match="does not fit"):
+        train(_config(tmp_path / "d", assets, channel_max=8, init_from=str(trained)))
