@@ -23,6 +23,7 @@ from pipelines.clip_edit import NEUTRAL_TEXT, world_vocabulary
 from pipelines.clip_edit_session import CLIPEditOutput, CLIPEditor, CLIPEditSession
 from pipelines.stylegan_session import load_upload
 from studio.registry import GPU_QUEUE, ModelRegistry
+from studio.zerogpu import gpu_handler, steps_duration
 from studio.tabs.stylegan_edit import EditorCache
 from studio.validation import MAX_SEED, parse_seed
 
@@ -210,12 +211,14 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, source_state: Any = None)
         outputs = [session, before, after, info, history]
         queue = dict(concurrency_id=GPU_QUEUE)
 
+        @gpu_handler(20)
         def on_sample(gen: str, clip_name: str, seed_text: str):
             try:
                 return start_from_sample(editors, gen, clip_name, parse_seed(seed_text))
             except ValueError as exc:
                 raise gr.Error(str(exc)) from None
 
+        @gpu_handler(60)
         def on_invert(gen: str, clip_name: str, path: str | None, align_face: bool, progress=gr.Progress()):
             if not path:
                 raise gr.Error("upload an image first (PNG, JPEG or WebP)")
@@ -225,6 +228,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, source_state: Any = None)
             except ValueError as exc:
                 raise gr.Error(str(exc)) from None
 
+        @gpu_handler(60)
         def on_take(clip_name: str, stylegan_session: Any):
             try:
                 out = start_from_session(editors, clip_name, stylegan_session)
@@ -232,6 +236,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, source_state: Any = None)
                 raise gr.Error(str(exc)) from None
             return (*out, gr.update(value=stylegan_session.generator))
 
+        @gpu_handler(steps_duration(20, 0.1, 8))
         def on_apply(sess: CLIPEditSession | None, clip_name: str, text_value: str, method_name: str,
                      neutral_text: str, a: float, b: float, s: float, n: float, progress=gr.Progress()):
             try:
@@ -243,6 +248,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, source_state: Any = None)
                 raise gr.Error(str(exc)) from None
             return out.session, out.before, out.image, info_md, history_md
 
+        @gpu_handler(20)
         def on_undo(sess: CLIPEditSession | None, clip_name: str):
             try:
                 return undo_edit(editors, clip_name, sess)

@@ -14,6 +14,7 @@ import numpy as np
 
 from pipelines.data.portrait_world import ATTRIBUTES, PortraitAttributes, PortraitWorld
 from studio.registry import GPU_QUEUE, ModelRegistry
+from studio.zerogpu import gpu_handler
 from studio.validation import MAX_SEED, parse_seed
 
 RANDOM = "random"
@@ -108,6 +109,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks) -> dict[str, Any]:
 
         names = list(ATTRIBUTES)
 
+        @gpu_handler(20)
         def on_render(*values: Any):
             *attr_values, seed_text, size_value, frac = values
             try:

@@ -18,6 +18,7 @@ import gradio as gr
 import numpy as np
 
 from studio.registry import GPU_QUEUE, ModelRegistry
+from studio.zerogpu import gpu_handler, steps_duration
 from studio.validation import MAX_SEED, parse_seed
 
 __all__ = ["build", "sketch_generators", "PipelineCache", "draw"]
@@ -131,6 +132,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, send_to: Any = None, tabs
                     download = gr.Button("Download the portraits")
                 files = gr.File(label="Download", file_count="multiple", interactive=False)
 
+        @gpu_handler(steps_duration(10, 2, 2))
         def run(name: str, value: Any, n: float, seed_text: str, ref: Any):
             try:
                 image = _canvas_image(value)
@@ -140,6 +142,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, send_to: Any = None, tabs
                 raise gr.Error(str(exc)) from None
             return items, sketch, text
 
+        @gpu_handler(steps_duration(10, 2, 2))
         def run_upload(name: str, path: str | None, n: float, seed_text: str, ref: Any):
             if not path:
                 return gr.update(), gr.update(), gr.update()

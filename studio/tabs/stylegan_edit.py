@@ -19,6 +19,7 @@ import gradio as gr
 from pipelines.stylegan_session import (COLOUR_EDITS, NAMED_EDITS, NUM_SEFA_SLIDERS, EditSession, StyleGANEditor,
                                         load_upload)
 from studio.registry import GPU_QUEUE, ModelRegistry, add_local
+from studio.zerogpu import gpu_handler, steps_duration
 from studio.validation import MAX_SEED, parse_seed
 
 __all__ = ["build", "EditorCache", "import_generator"]
@@ -214,6 +215,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
                                    psi=float(psi_val), truncation=mode)
             return sess, editor, w
 
+        @gpu_handler(20)
         def on_edit(*values: Any):
             try:
                 sess, editor, w = _edited(list(values))
@@ -257,6 +259,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
                 raise gr.Error(str(exc)) from None
             return [gr.update(label=sefa_names[i]) for i in range(NUM_SEFA_SLIDERS)]
 
+        @gpu_handler(20)
         def on_sample(name: str, seed_text: str):
             try:
                 s = editors.get(name).sample(parse_seed(seed_text))
@@ -264,6 +267,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
             except ValueError as exc:
                 raise gr.Error(str(exc)) from None
 
+        @gpu_handler(steps_duration(20, 0.05, 4, 5))
         def on_invert(name: str, path: str | None, align_face: bool, method_name: str, n_steps: float,
                       n_pti: float, progress=gr.Progress()):
             if not path:
@@ -278,6 +282,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
                 raise gr.Error(str(exc)) from None
             return sess, sess.target, editor.render(sess), _format_info(sess, editor)
 
+        @gpu_handler(steps_duration(20, 0.05, 3, 4))
         def on_received(name: str, image: Any, method_name: str, n_steps: float, n_pti: float):
             if image is None:
                 return gr.update(), gr.update(), gr.update(), gr.update()
@@ -290,6 +295,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
                 raise gr.Error(str(exc)) from None
             return sess, sess.target, editor.render(sess), _format_info(sess, editor)
 
+        @gpu_handler(20)
         def on_latent(name: str, path: str | None):
             if not path:
                 return gr.update(), gr.update(), gr.update(), gr.update()
@@ -300,6 +306,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
                 raise gr.Error(str(exc)) from None
             return sess, None, editor.render(sess), _format_info(sess, editor)
 
+        @gpu_handler(20)
         def on_export(*values: Any):
             try:
                 sess, editor, w = _edited(list(values))
@@ -317,6 +324,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
                 files.append(str(folder / "edit_in_photo.png"))
             return files
 
+        @gpu_handler(60)
         def on_import(files: list[str] | None):
             try:
                 name = import_generator(registry, files or [], import_root)
