@@ -11,6 +11,10 @@ Processes run niced (the studio stays usable), in their own session (a cancel re
 whole process group), one per device slot; launches beyond the free slots wait in a queue that
 :meth:`RunManager.poll` drains. With more than one CUDA device a script runs under
 ``accelerate launch``.
+
+Before a launch, :meth:`RunManager.estimate` runs the same script for a few steps in a scratch
+folder and extrapolates: start-up, seconds per step, the finishing work (evaluation, export), the
+peak host memory of its process tree and, on CUDA, the peak allocated GPU memory.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHODS", "MethodSpec", "RunInfo", "RunManager", "RunError", "build_config"]
+__all__ = ["METHODS", "MethodSpec", "RunInfo", "RunManager", "RunError", "Estimate", "build_config"]
 
 STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 
@@ -194,6 +198,64 @@ class RunInfo:
         return self.step / self.total if self.total else 0.0
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """What a full run would take, measured on a probe of its first steps."""
+
+    steps: int                   # the full run's step budget
+    probe_steps: int             # steps the probe ran
+    startup_seconds: float       # process start to the first step (imports, data, models)
+    seconds_per_step: float      # median over the probe's steps after the first
+    finish_seconds: float        # last step to exit (final evaluation, export)
+    peak_host_mb: float          # peak resident memory of the probe's process tree
+    peak_cuda_mb: float | None   # peak allocated CUDA memory (None on the CPU)
+    time_limit_seconds: float | None = None  # the run's max_train_minutes, when set
+
+    @property
+    def loop_seconds(self) -> float:
+        loop = self.seconds_per_step * self.steps
+        return min(loop, self.time_limit_seconds) if self.time_limit_seconds else loop
+
+    @property
+    def total_seconds(self) -> float:
+        return self.startup_seconds + self.loop_seconds + self.finish_seconds
+
+    def summary(self) -> str:
+        limit = " (its time limit)" if self.time_limit_seconds and self.loop_seconds < self.seconds_per_step * self.steps else ""
+        memory = f"peak memory {self.peak_host_mb / 1024:.2f} GB host"
+        if self.peak_cuda_mb is not None:
+            memory += f", {self.peak_cuda_mb / 1024:.2f} GB GPU"
+        return (f"about {_duration(self.total_seconds)}: {self.steps} steps × {self.seconds_per_step:.3g} s"
+                f"{limit}, {self.startup_seconds:.0f} s to start, {self.finish_seconds:.0f} s to evaluate and "
+                f"export; {memory} (measured on {self.probe_steps} steps)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MiB (0 once it has gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
 class RunManager:
     """Launch, watch, cancel and resume training runs in ``runs_dir``."""
 
@@ -313,25 +375,93 @@ class RunManager:
         argv = list(launch["argv"])
         if launch.get("resume"):
             argv += ["--resume", "true"]
-        if _cuda_count() > 1:
-            cmd = [self.python, "-m", "accelerate.commands.launch", "--num_processes", str(_cuda_count()),
-                   "-m", spec.module, *argv]
-        else:
-            cmd = [self.python, "-m", spec.module, *argv]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-               **self.env}
-        root = Path(__file__).resolve().parent.parent
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        cmd = self._command(spec, argv)
         log = open(folder / "log.txt", "a")
         log.write(f"\n$ {shlex.join(cmd)}\n")
         log.flush()
-        nice = self.nice
-        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        proc = self._popen(cmd, log)
         log.close()
         self._procs[name] = proc
         launch.update(state="running", pid=proc.pid, started=time.time(), command=shlex.join(cmd))
         self._write_launch(folder, launch)
+
+    def _command(self, spec: MethodSpec, argv: list[str]) -> list[str]:
+        if _cuda_count() > 1:
+            return [self.python, "-m", "accelerate.commands.launch", "--num_processes", str(_cuda_count()),
+                    "-m", spec.module, *argv]
+        return [self.python, "-m", spec.module, *argv]
+
+    def _popen(self, cmd: list[str], log: Any) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+               **self.env}
+        root = Path(__file__).resolve().parent.parent
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        nice = self.nice
+        return subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+
+    # -- estimates ----------------------------------------------------------------------------
+    def estimate(self, method: str, params: Mapping[str, Any], *, preset: str | None = None,
+                 probe_steps: int = 5, timeout: float = 600.0) -> Estimate:
+        """Run the method's script for ``probe_steps`` steps (same settings otherwise, in a scratch
+        folder removed afterwards) and extrapolate to the full run. Bad settings are refused with
+        :class:`RunError` exactly as :meth:`launch` refuses them; so is a probe that fails."""
+        import shutil
+        import tempfile
+
+        if method not in self.methods:
+            raise RunError(f"unknown method {method!r}; one of {sorted(self.methods)}")
+        spec = self.methods[method]
+        if preset is not None and preset not in spec.presets:
+            raise RunError(f"unknown preset {preset!r} for {spec.label}; one of {sorted(spec.presets)}")
+        values = {**(spec.presets.get(preset, {}) if preset else {}), **dict(params)}
+        if spec.base_field and values.get(spec.base_field) and not Path(str(values[spec.base_field])).exists():
+            raise RunError(f"{spec.base_field} {values[spec.base_field]!r} does not exist")
+        scratch = Path(tempfile.mkdtemp(prefix=".estimate-", dir=self.runs_dir))
+        try:
+            full = build_config(spec, values, scratch / "run")
+            steps = int(getattr(full, spec.steps_field))
+            n = max(2, min(int(probe_steps), steps))
+            fields = {f.name for f in dataclasses.fields(full)}
+            probe = {**values, spec.steps_field: n}
+            probe.update({k: 1 for k in ("log_every",) if k in fields})
+            probe.update({k: n for k in ("sample_every", "checkpoint_every", "eval_every") if k in fields})
+            probe.update({k: None for k in ("max_train_minutes", "export_to", "export_dir", "examples_grid")
+                          if k in fields})
+            if "total_kimg" in fields:
+                probe["total_kimg"] = None
+            config = build_config(spec, probe, scratch / "run")
+            with open(scratch / "log.txt", "w") as log:
+                t0 = time.time()
+                proc = self._popen(self._command(spec, _to_argv(config)), log)
+                peak = 0.0
+                while proc.poll() is None:
+                    peak = max(peak, _tree_rss_mb(proc.pid))
+                    if time.time() - t0 > timeout:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        raise RunError(f"the {n}-step probe of {spec.label} took over {timeout:.0f} s; "
+                                       "use a smaller preset or fewer images")
+                    time.sleep(0.1)
+                t_end = time.time()
+            if proc.returncode != 0:
+                tail = (scratch / "log.txt").read_text(errors="replace").strip().splitlines()[-8:]
+                raise RunError(f"the probe of {spec.label} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+            rows = [json.loads(line) for line in (scratch / "run" / "metrics.jsonl").read_text().splitlines()
+                    if line.strip()]
+            rows = [r for r in rows if "time" in r]
+            if len(rows) < 2:
+                raise RunError(f"the probe of {spec.label} logged {len(rows)} step(s); cannot time a step")
+            times = sorted(b["time"] - a["time"] for a, b in zip(rows, rows[1:]))
+            per_step = times[len(times) // 2] / max(1, rows[1]["step"] - rows[0]["step"])
+            cuda = [r["cuda_peak_mb"] for r in rows if "cuda_peak_mb" in r]
+            limit = getattr(full, "max_train_minutes", None)
+            return Estimate(steps=steps, probe_steps=n, startup_seconds=max(0.0, rows[0]["time"] - t0 - per_step),
+                            seconds_per_step=per_step, finish_seconds=max(0.0, t_end - rows[-1]["time"]),
+                            peak_host_mb=peak, peak_cuda_mb=max(cuda) if cuda else None,
+                            time_limit_seconds=60 * float(limit) if limit else None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _reap(self) -> None:
         for name, proc in list(self._procs.items()):

@@ -23,6 +23,9 @@ class FakeConfig:
     step_seconds: float = 0.05
     checkpoint_every: int = 5
     fail_at: int = 0  # raise at this step (0: never)
+    log_every: int = 1
+    startup_seconds: float = 0.0  # sleep before the first step (data, models)
+    memory_mb: int = 0  # hold this much memory while training
 
     def validate(self) -> None:
         if self.steps <= 0:
@@ -45,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     run.set_status("running", step=step, total=cfg.steps)
+    time.sleep(cfg.startup_seconds)
+    held = bytearray(cfg.memory_mb * 2**20)  # noqa: F841 (held while the loop runs)
+    for i in range(0, len(held), 4096):
+        held[i] = 1  # touch every page, so it is resident
     try:
         while step < cfg.steps and not stop:
             time.sleep(cfg.step_seconds)
@@ -52,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             value += cfg.lr
             if cfg.fail_at and step == cfg.fail_at:
                 raise RuntimeError(f"exploded at step {step}")
-            run.log_metrics(step, loss=1.0 / step, value=value)
+            if step % cfg.log_every == 0:
+                run.log_metrics(step, loss=1.0 / step, value=value)
             run.set_status("running", step=step, total=cfg.steps)
             if step % cfg.checkpoint_every == 0:
                 run.save_checkpoint(step, {"step": step, "value": value})

@@ -174,6 +174,8 @@ class RunFolder:
     # -- metrics and status ---------------------------------------------------------------
     def log_metrics(self, step: int, **values: float) -> None:
         row = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in values.items()}}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # what the run manager's estimate reads
+            row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -74,7 +74,9 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: b
                 settings = gr.Code(json.dumps(key_fields(first), indent=1), language="json",
                                    label="Settings (JSON; empty = the preset's)", elem_id="train_settings")
                 name = gr.Textbox("", label="Run name (empty = method + time)", elem_id="train_name")
-                launch = gr.Button("Launch", variant="primary", elem_id="train_launch")
+                with gr.Row():
+                    estimate = gr.Button("Estimate time and memory", elem_id="train_estimate")
+                    launch = gr.Button("Launch", variant="primary", elem_id="train_launch")
                 message = gr.Markdown("", elem_id="train_message")
             with gr.Column(scale=2):
                 table = gr.Dataframe(headers=COLUMNS, value=[], interactive=False, label="Runs",
@@ -101,7 +103,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: b
             shown = {k: values.get(k, v) for k, v in key_fields(key).items()}
             return json.dumps(shown, indent=1)
 
-        def on_launch(key: str, base_path: str, preset_name: str, text: str, run_name: str):
+        def read_params(key: str, base_path: str, text: str) -> dict[str, Any]:
             try:
                 params = json.loads(text) if text and text.strip() else {}
             except json.JSONDecodeError as exc:
@@ -111,6 +113,18 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: b
             spec = METHODS[key]
             if spec.base_field and base_path.strip():
                 params[spec.base_field] = base_path.strip()
+            return params
+
+        def on_estimate(key: str, base_path: str, preset_name: str, text: str):
+            params = read_params(key, base_path, text)
+            try:
+                est = manager.estimate(key, params, preset=preset_name or None)
+            except RunError as exc:
+                raise gr.Error(str(exc)) from None
+            return f"⏱️ {METHODS[key].label}: {est.summary()}"
+
+        def on_launch(key: str, base_path: str, preset_name: str, text: str, run_name: str):
+            params = read_params(key, base_path, text)
             try:
                 started = manager.launch(key, params, preset=preset_name or None, name=run_name.strip() or None)
             except RunError as exc:
@@ -173,6 +187,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: b
 
         method.change(on_method, method, [base, preset, settings], api_name=False)
         preset.change(on_preset, [method, preset], settings, api_name=False)
+        estimate.click(on_estimate, [method, base, preset, settings], message, api_name="train_estimate")
         launch.click(on_launch, [method, base, preset, settings, name], [message, run], api_name="train_launch")
         timer.tick(refresh, run, [table, run, curve, sample, log], api_name=False, show_progress="hidden")
         run.change(refresh, run, [table, run, curve, sample, log], api_name=False, show_progress="hidden")

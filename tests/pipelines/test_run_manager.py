@@ -127,3 +127,26 @@ def test_every_method_preset_builds_a_valid_config(tmp_path):
             except RunError as exc:
                 if spec.base_field and "does not exist" not in str(exc) and "not a" not in str(exc):
                     raise
+
+
+def test_estimate_probes_the_first_steps_and_extrapolates(tmp_path):
+    m = manager(tmp_path)
+    est = m.estimate("fake", {"steps": 1000, "step_seconds": 0.1, "startup_seconds": 0.5, "memory_mb": 150},
+                     probe_steps=5)
+    assert est.steps == 1000 and est.probe_steps == 5
+    assert 0.08 <= est.seconds_per_step <= 0.3, est
+    assert est.startup_seconds >= 0.4, est
+    assert 0.9 * 100 <= est.total_seconds <= 0.3 * 1000 + 30, est
+    assert est.peak_host_mb >= 150 and est.peak_cuda_mb is None
+    assert "min" in est.summary() and "GB host" in est.summary()
+    # the probe leaves nothing behind: no run, no scratch folder
+    assert m.names() == [] and list((tmp_path / "runs").iterdir()) == []
+
+
+def test_estimate_refuses_bad_settings_and_reports_a_failing_probe(tmp_path):
+    m = manager(tmp_path)
+    with pytest.raises(RunError, match="lr"):
+        m.estimate("fake", {"lr": -1.0})
+    with pytest.raises(RunError, match=r"(?s)probe of Fake failed.*RuntimeError: exploded at step 2"):
+        m.estimate("fake", {"steps": 100, "fail_at": 2})
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -36,3 +36,22 @@ def test_training_is_off_on_spaces_and_with_no_train(tmp_path, monkeypatch, kwar
     assert ("train_off" in ids) is not shown
     labels = [c.get("props", {}).get("label") for c in config["components"]]
     assert "Distill / train" in labels
+
+
+def test_estimate_button_shows_time_and_memory_before_launch(tmp_path, monkeypatch):
+    import gradio as gr
+
+    from pipelines import run_manager
+    from studio.app import build_app
+    from tests.pipelines.test_run_manager import FAKE
+
+    monkeypatch.setitem(run_manager.METHODS, "fake", FAKE)
+    demo = build_app(registry=ModelRegistry("cpu"), runs_dir=str(tmp_path / "runs"))
+    estimate = next(f.fn for f in demo.fns.values() if f.api_name == "train_estimate")
+    text = estimate("fake", "", "quick demo", '{"steps": 3000, "step_seconds": 0.05}')
+    assert "3000 steps" in text and "GB host" in text and "min" in text
+    with pytest.raises(gr.Error, match="lr must be positive"):
+        estimate("fake", "", "quick demo", '{"lr": -1}')
+    with pytest.raises(gr.Error, match="not valid JSON"):
+        estimate("fake", "", "quick demo", '{"steps": ')
+    assert not any((tmp_path / "runs").iterdir())  # nothing launched, no scratch left
