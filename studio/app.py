@@ -7,7 +7,7 @@ import os
 import gradio as gr
 
 from studio.registry import GPU_QUEUE, ModelRegistry, default_registry
-from studio.tabs import portrait_world, sketch, stylegan_edit, train
+from studio.tabs import clip_edit, portrait_world, sketch, stylegan_edit, train
 
 __all__ = ["build_app", "GPU_QUEUE", "on_spaces"]
 
@@ -34,6 +34,7 @@ def build_app(*, device: str | None = None, registry: ModelRegistry | None = Non
             world = portrait_world.build(registry, demo)
             stylegan = stylegan_edit.build(registry, demo, runs_dir=runs_dir)
             sketch.build(registry, demo, send_to=stylegan["receive"], tabs=tabs)
+            clip_edit.build(registry, demo, source_state=stylegan["session"])
             if on_spaces():
                 why = "This studio runs on Hugging Face Spaces, where training jobs are not started."
             elif not allow_training or runs_dir is None:

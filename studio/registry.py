@@ -192,6 +192,7 @@ EMBEDDED: tuple[tuple[str, str, str], ...] = (
     ("evaluator", "Portrait-world evaluator (embedded)", "reads every attribute of a portrait"),
     ("stylegan2_portraits64", "Portrait StyleGAN2-ADA 64 px (embedded)",
      "the studio's own StyleGAN2-ADA, trained on the portrait world after self-filtering"),
+    ("clip", "PortraitCLIP (embedded)", "a small open_clip model trained contrastively on portrait-world captions"),
 )
 
 

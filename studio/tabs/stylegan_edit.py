@@ -365,4 +365,4 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
             demo.load(on_generator, generator, control_outputs, api_name=False).then(
                 on_sample, [generator, seed], source_outputs, api_name=False, **queue).then(
                 on_edit, edit_inputs, [after, pasted, reading], api_name=False, **queue)
-    return {"receive": received, "generator": generator}
+    return {"receive": received, "generator": generator, "session": session}

@@ -115,3 +115,13 @@ def test_global_directions_in_the_generator_folder_add_the_method(folders, tmp_p
     session = start_from_sample(editors, "G with directions", "tiny CLIP", 0)[0]
     out, info, _ = apply_text_edit(editors, "tiny CLIP", session, text="blue hair", method="global", alpha=5, beta=0.0)
     assert "style channels changed" in info and out.session.current.style_offsets is not None
+
+
+def test_the_app_shows_the_tab_only_with_a_clip_and_takes_the_stylegan_session(folders, tmp_path):
+    from studio.app import build_app
+
+    labels = lambda demo: _labels_and_ids(demo)[0]  # noqa: E731
+    demo = build_app(registry=_registry(folders), runs_dir=str(tmp_path / "runs"))
+    assert "CLIP edit" in labels(demo) and "clip_from_stylegan" in _labels_and_ids(demo)[1]
+    assert "CLIP edit" not in labels(build_app(registry=_registry(folders, with_clip=False),
+                                               runs_dir=str(tmp_path / "runs")))
