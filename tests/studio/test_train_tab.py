@@ -12,7 +12,7 @@ def test_key_fields_name_each_methods_step_budget_batch_and_learning_rate():
         fields = key_fields(key)
         assert spec.steps_field in fields and fields[spec.steps_field] > 0
         assert {"batch", "batch_size"} & set(fields), key
-        assert {"lr", "lr_g"} & set(fields), key
+        assert {"lr", "lr_g", "lr_generator"} & set(fields), key
 
 
 def test_eta_format():

