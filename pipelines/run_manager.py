@@ -70,6 +70,15 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
             "standard": dict(steps=4000, batch=64, real_images=20000, checkpoint_every=500),
         }),
     MethodSpec(
+        key="lcm", label="Latent consistency distillation (LCM, text to image)", module="pipelines.training.distill_lcm",
+        config="pipelines.training.distill_lcm:LCMConfig", produces="text_to_image", export="pipeline",
+        steps_field="steps", base_field="teacher",
+        presets={
+            "quick demo": dict(steps=200, batch=8, real_images=2000, captions_per_image=2, log_every=10,
+                               sample_every=100, checkpoint_every=100, num_samples=4),
+            "standard": dict(steps=4000, batch=64, real_images=20000, checkpoint_every=500),
+        }),
+    MethodSpec(
         key="stylegan2", label="StyleGAN2-ADA generator", module="pipelines.training.train_stylegan2",
         config="pipelines.training.train_stylegan2:StyleGAN2TrainConfig", produces="stylegan2",
         export="generator", steps_field="total_steps",

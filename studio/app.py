@@ -7,7 +7,7 @@ import os
 import gradio as gr
 
 from studio.registry import GPU_QUEUE, ModelRegistry, default_registry
-from studio.tabs import clip_edit, portrait_world, sketch, stylegan_edit, train
+from studio.tabs import clip_edit, portrait_world, sketch, stylegan_edit, text_to_image, train
 
 __all__ = ["build_app", "GPU_QUEUE", "on_spaces"]
 
@@ -31,6 +31,7 @@ def build_app(*, device: str | None = None, registry: ModelRegistry | None = Non
         gr.Markdown(INTRO)
         gr.Markdown(f"<small>Device: **{registry.device}** · precision: **{str(registry.dtype).removeprefix('torch.')}**</small>")
         with gr.Tabs() as tabs:
+            t2i = text_to_image.build(registry, demo)  # None without a text-to-image model
             world = portrait_world.build(registry, demo)
             stylegan = stylegan_edit.build(registry, demo, runs_dir=runs_dir)
             sketch.build(registry, demo, send_to=stylegan["receive"], tabs=tabs)
@@ -41,8 +42,10 @@ def build_app(*, device: str | None = None, registry: ModelRegistry | None = Non
                 why = "The studio was started with `--no-train`."
             else:
                 why = ""
-            train.build(registry, demo, runs_dir=runs_dir or "runs", enabled=not why, reason=why,
-                        targets={"stylegan2": stylegan["generator"]})
+            targets = {"stylegan2": stylegan["generator"]}
+            if t2i is not None:
+                targets["text_to_image"] = t2i["model"]
+            train.build(registry, demo, runs_dir=runs_dir or "runs", enabled=not why, reason=why, targets=targets)
         # Hand-offs between tabs: the portrait goes to StyleGAN edit, which inverts it.
         world["send"].click(lambda image: (image, gr.Tabs(selected="stylegan_edit")), world["image"],
                             [stylegan["receive"], tabs], api_name=False)

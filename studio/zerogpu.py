@@ -13,7 +13,7 @@ import importlib.util
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["gpu_handler", "steps_duration", "MAX_DURATION"]
+__all__ = ["gpu_handler", "steps_duration", "work_duration", "MAX_DURATION"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +34,20 @@ def steps_duration(base: float, per_step: float, *step_args: int) -> Callable[..
     def duration(*args: Any, **_kwargs: Any) -> int:
         steps = sum(_number(args[i]) for i in step_args if i < len(args))
         return int(min(MAX_DURATION, base + per_step * max(steps, 0.0)))
+
+    return duration
+
+
+def work_duration(base: float, per_unit: float, *factor_args: int) -> Callable[..., int]:
+    """A duration callable growing with a product, e.g. steps x batch: ``base + per_unit *
+    (product of the handler's arguments at positions factor_args)``, capped at :data:`MAX_DURATION`
+    (a missing or non-numeric argument makes the product 0)."""
+
+    def duration(*args: Any, **_kwargs: Any) -> int:
+        work = 1.0
+        for i in factor_args:
+            work *= _number(args[i]) if i < len(args) else 0.0
+        return int(min(MAX_DURATION, base + per_unit * max(work, 0.0)))
 
     return duration
 

@@ -66,8 +66,9 @@ from pipelines.text_to_image import PortraitDiffusionPipeline
 from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, config_to_dict, parse_config,
                                      restore_rng_state, seed_everything)
 
-__all__ = ["DMD2Config", "GANHead", "lcm_timesteps", "student_scheduler", "predict_x0",
-           "distribution_matching_loss", "bottleneck_features", "backward_simulation", "train", "main"]
+__all__ = ["DMD2Config", "GANHead", "WorldData", "load_world_data", "training_device", "lcm_timesteps",
+           "student_scheduler", "add_noise", "predict_x0", "distribution_matching_loss", "bottleneck_features",
+           "backward_simulation", "save_sample_grid", "save_student", "train", "main"]
 
 
 @dataclass
@@ -207,8 +208,9 @@ def student_scheduler(teacher_scheduler, student_timesteps: list[int]):
 
     LCM's step is what backward simulation trains for: x0 from the student, then fresh noise to the
     next timestep (its consistency boundary scalings are ~1e-8 away from the identity at t >= 249).
-    ``original_inference_steps`` is the largest count <= 4 whose grid still gives the student's
-    timesteps, so a 1-step student can also be asked for 2-4 steps."""
+    ``original_inference_steps`` is the largest count <= max(4, len(student_timesteps)) whose grid
+    still gives the student's timesteps, so a 1-step student can also be asked for 2-4 steps (and an
+    LCM student, given its whole training grid, samples on it at any step count)."""
     from diffusers import LCMScheduler
 
     num_train = int(teacher_scheduler.config.num_train_timesteps)
@@ -336,6 +338,91 @@ def backward_simulation(generator, noise: torch.Tensor, context: torch.Tensor, s
     return predict_x0(pred.float(), inputs, alphas_cumprod[t], prediction_type)
 
 
+# ---------------------------------------------------------------------------------------------
+# Device, data and export, shared with the other distillation scripts (distill_lcm)
+# ---------------------------------------------------------------------------------------------
+
+
+def training_device(name: str, mixed_precision: str) -> tuple[torch.device, bool, Callable[[], Any]]:
+    """``(device, use_bf16, autocast)``: TF32 matmuls on CUDA; bf16 autocast on CUDA when "auto"."""
+    device = select_device(name)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")   # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    return device, use_bf16, autocast
+
+
+@dataclass
+class WorldData:
+    """World latents (as the VAE's per-image distributions) and every caption phrasing's text states,
+    on the training device."""
+
+    lat_mean: torch.Tensor      # [N, C, h, w]
+    lat_std: torch.Tensor       # [N, C, h, w]
+    scale: float                # the VAE's scaling_factor
+    shift: float                # the VAE's shift_factor (0 if none)
+    text_states: torch.Tensor   # [U, L, D] one row per distinct caption
+    caption_ids: torch.Tensor   # [N, K] image i's j-th phrasing is text_states[caption_ids[i, j]]
+    uncond: torch.Tensor        # [L, D] the empty prompt's states (the CFG branch)
+    variants: list[list[str]]   # the phrasings themselves
+
+    def prompt_batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bank indices [B] and one caption phrasing's states [B, L, D] per image."""
+        n_bank, k_captions = self.caption_ids.shape
+        device = self.caption_ids.device
+        idx = torch.randint(0, n_bank, (b,), device=device)
+        cap = self.caption_ids[idx, torch.randint(0, k_captions, (b,), device=device)]
+        return idx, self.text_states[cap]
+
+    def latents(self, idx: torch.Tensor) -> torch.Tensor:
+        """A draw from image ``idx``'s latent distribution, scaled as the UNet sees it [B, C, h, w]."""
+        z = self.lat_mean[idx] + self.lat_std[idx] * torch.randn_like(self.lat_mean[idx])
+        return (z - self.shift) * self.scale
+
+
+def load_world_data(teacher: PortraitDiffusionPipeline, *, real_images: int, bank_seed: int, bank_cache: str,
+                    workers: int, captions_per_image: int, seed: int, device: torch.device,
+                    autocast: Callable[[], Any]) -> WorldData:
+    """World renders (the teacher's bank by default, a cache hit) -> latent distributions through the
+    teacher's VAE; every caption phrasing encoded once by the teacher's text encoder."""
+    from pipelines.training.train_autoencoder import load_bank
+    from pipelines.training.train_diffusion_teacher import caption_variants, encode_caption_bank, encode_latent_bank
+
+    _, latent_size, _ = teacher.latent_shape
+    image_size = latent_size * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    bank = load_bank(real_images, size=image_size, seed=bank_seed, split="train", cache_dir=bank_cache,
+                     workers=workers)
+    variants = caption_variants(bank, captions_per_image, seed)
+    scale, shift = float(teacher.vae.config.scaling_factor), float(teacher.vae.config.shift_factor or 0.0)
+    with autocast():
+        lat_mean, lat_std = encode_latent_bank(teacher.vae, bank, device)           # [N, C, h, w]
+    encoder = PromptEncoder(teacher.text_encoder, teacher.tokenizer, teacher.max_length)
+    text_states, caption_ids, empty_id = encode_caption_bank(variants, encoder, torch.float32)
+    return WorldData(lat_mean, lat_std, scale, shift, text_states, caption_ids, text_states[empty_id], variants)
+
+
+def save_sample_grid(student: PortraitDiffusionPipeline, prompts: list[str], num_inference_steps: int, seed: int,
+                     path: Path) -> None:
+    """A grid of the student's samples (guidance_scale 1) for ``prompts``; the global CPU RNG is left as
+    it was, so sampling never changes a run's random stream."""
+    cpu_rng = torch.get_rng_state()
+    out = student(prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(seed))
+    torch.set_rng_state(cpu_rng)
+    make_grid(out.images, columns=int(math.ceil(math.sqrt(len(out.images))))).save(path)
+
+
+def save_student(student: PortraitDiffusionPipeline, folder: Path, teacher: str | os.PathLike[str]) -> None:
+    """The student pipeline folder; the teacher autoencoder's card goes with its weights."""
+    student.save_pretrained(folder)
+    for name in ("card.json", "README.md"):
+        if (Path(teacher) / "vae" / name).exists():
+            shutil.copy(Path(teacher) / "vae" / name, Path(folder) / "vae" / name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,22 +432,12 @@ def backward_simulation(generator, noise: torch.Tensor, context: torch.Tensor, s
 
 def train(cfg: DMD2Config) -> Path:
     """Run (or resume) a DMD2 distillation; returns the exported student pipeline folder."""
-    from pipelines.training.train_autoencoder import load_bank
-    from pipelines.training.train_diffusion_teacher import caption_variants, encode_caption_bank, encode_latent_bank
-
     # 1. Config, run folder, device, seeds.
     cfg.validate()
     run = RunFolder(cfg.out_dir)
     resumed = run.create(cfg, resume=cfg.resume)
     seed_everything(cfg.seed)
-    device = select_device(cfg.device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")   # TF32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    device, use_bf16, autocast = training_device(cfg.device, cfg.mixed_precision)
 
     stopper = StopFlag()
     stopper.install()
@@ -379,18 +456,14 @@ def train(cfg: DMD2Config) -> Path:
         image_size = latent_size * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
 
         # 3. Data: world renders -> latent distributions; every caption phrasing encoded once.
-        bank = load_bank(cfg.real_images, size=image_size, seed=cfg.bank_seed, split="train",
-                         cache_dir=cfg.bank_cache, workers=cfg.workers)
-        variants = caption_variants(bank, cfg.captions_per_image, cfg.seed)
-        scale, shift = float(teacher.vae.config.scaling_factor), float(teacher.vae.config.shift_factor or 0.0)
-        with autocast():
-            lat_mean, lat_std = encode_latent_bank(teacher.vae, bank, device)           # [N, C, h, w]
-        encoder = PromptEncoder(teacher.text_encoder, teacher.tokenizer, teacher.max_length)
-        text_states, caption_ids, empty_id = encode_caption_bank(variants, encoder, torch.float32)
-        uncond = text_states[empty_id]                                                    # [L, 384]
-        n_bank, k_captions = caption_ids.shape
+        data = load_world_data(teacher, real_images=cfg.real_images, bank_seed=cfg.bank_seed,
+                               bank_cache=cfg.bank_cache, workers=cfg.workers,
+                               captions_per_image=cfg.captions_per_image, seed=cfg.seed, device=device,
+                               autocast=autocast)
+        uncond = data.uncond                                                              # [L, 384]
         print(f"teacher {cfg.teacher}: {prediction_type}, {num_train} timesteps, latents {latent_channels}x"
-              f"{latent_size}x{latent_size}; {n_bank} world latents, {text_states.shape[0]} distinct captions "
+              f"{latent_size}x{latent_size}; {len(data.lat_mean)} world latents, "
+              f"{data.text_states.shape[0]} distinct captions "
               f"in {time.perf_counter() - t_start:.1f}s", flush=True)
 
         # 4. Networks: generator and fake score start as the teacher; GAN head; optimisers.
@@ -441,20 +514,8 @@ def train(cfg: DMD2Config) -> Path:
                 "opt_fake": opt_fake.state_dict(), "rng": capture_rng_state(), "config": config_to_dict(cfg),
             }, keep=cfg.keep_checkpoints)
 
-        sample_prompts = [variants[i][0] for i in range(min(cfg.num_samples, len(variants)))]
-
-        def save_samples() -> None:
-            cpu_rng = torch.get_rng_state()
-            out = student(prompt=sample_prompts, num_inference_steps=n_student, guidance_scale=1.0,
-                          generator=torch.Generator().manual_seed(cfg.seed))
-            torch.set_rng_state(cpu_rng)
-            make_grid(out.images, columns=int(math.ceil(math.sqrt(len(out.images))))).save(run.sample_path(step))
-
-        def prompt_batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """Bank indices [B] and one caption phrasing's states [B, L, 384] per image."""
-            idx = torch.randint(0, n_bank, (b,), device=device)
-            cap = caption_ids[idx, torch.randint(0, k_captions, (b,), device=device)]
-            return idx, text_states[cap]
+        sample_prompts = [data.variants[i][0] for i in range(min(cfg.num_samples, len(data.variants)))]
+        prompt_batch = data.prompt_batch
 
         def generate(context: torch.Tensor) -> torch.Tensor:
             """Student x0 [B, C, h, w] at a random student step per sample (backward simulation)."""
@@ -501,8 +562,7 @@ def train(cfg: DMD2Config) -> Path:
                 if use_gan:
                     # Discriminator: noised world latents (their own captions) vs noised student latents.
                     real_idx, real_context = prompt_batch(b)
-                    z = lat_mean[real_idx] + lat_std[real_idx] * torch.randn_like(lat_mean[real_idx])
-                    real_x0 = (z - shift) * scale                                            # [B, C, h, w]
+                    real_x0 = data.latents(real_idx)                                         # [B, C, h, w]
                     both, t_gan = gan_noise(torch.cat([x, real_x0]))
                     with autocast():
                         features = bottleneck_features(fake_unet, both, t_gan, torch.cat([context, real_context]))
@@ -576,7 +636,7 @@ def train(cfg: DMD2Config) -> Path:
                 sums, counts = {}, {}
                 t_log, step_log = time.time(), step
             if step % cfg.sample_every == 0 or (last and not stopper.stop):
-                save_samples()
+                save_sample_grid(student, sample_prompts, n_student, cfg.seed, run.sample_path(step))
             if step % cfg.checkpoint_every == 0 or last:
                 checkpoint()
 
@@ -600,10 +660,7 @@ def train(cfg: DMD2Config) -> Path:
         command = "python -m pipelines.training.distill_dmd2 " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         targets = [run.path / "pipeline"] + ([Path(cfg.export_to)] if cfg.export_to else [])
         for folder in targets:
-            student.save_pretrained(folder)
-            for name in ("card.json", "README.md"):   # the autoencoder's card goes with its weights
-                if (Path(cfg.teacher) / "vae" / name).exists():
-                    shutil.copy(Path(cfg.teacher) / "vae" / name, folder / "vae" / name)
+            save_student(student, folder, cfg.teacher)
             write_student_card(folder, cfg, n_params, image_size, command, figures)
         run.set_status("finished", step=step, total=cfg.steps, figures=figures)
         print(f"saved {targets[-1]} after {step} steps ({time.perf_counter() - t_start:.0f}s in all)", flush=True)

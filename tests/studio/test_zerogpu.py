@@ -64,3 +64,11 @@ def test_every_gpu_handler_of_the_app_carries_spaces_gpu(fake_spaces, tmp_path):
     queued = [f for f in demo.fns.values() if getattr(f, "concurrency_id", None) == "gpu"]
     assert queued and all(hasattr(f.fn, "zerogpu_duration") for f in queued
                           if f.fn is not None and f.fn.__name__.startswith("on_"))
+
+
+def test_work_duration_grows_with_steps_times_batch():
+    from studio.zerogpu import work_duration
+
+    d = work_duration(15, 1.0, 1, 2)
+    assert d("model", 4, 8) == 15 + 32 and d("model", 1, 1) == 16
+    assert d("model", "x", 8) == 15 and d("model", 10**4, 8) == MAX_DURATION
