@@ -230,6 +230,11 @@ class PortraitDiffusionPipeline:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return self.unet.config.in_channels, h, w
 
+    @property
+    def image_size(self) -> int:
+        """Side of the decoded images: the latent side times the VAE's downsampling factor."""
+        return self.latent_shape[1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     # -- building blocks --------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
         """MiniLM token states [B, max_length, 384] (padding zeroed) and truncation flags."""

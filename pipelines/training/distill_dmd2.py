@@ -393,12 +393,11 @@ def load_world_data(teacher: PortraitDiffusionPipeline, *, real_images: int, ban
     from pipelines.training.train_autoencoder import load_bank
     from pipelines.training.train_diffusion_teacher import caption_variants, encode_caption_bank, encode_latent_bank
 
-    _, latent_size, _ = teacher.latent_shape
-    image_size = latent_size * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    image_size = teacher.image_size
     bank = load_bank(real_images, size=image_size, seed=bank_seed, split="train", cache_dir=bank_cache,
                      workers=workers)
     variants = caption_variants(bank, captions_per_image, seed)
-    scale, shift = float(teacher.vae.config.scaling_factor), float(teacher.vae.config.shift_factor or 0.0)
+    scale, shift = teacher.latent_scale_shift()
     with autocast():
         lat_mean, lat_std = encode_latent_bank(teacher.vae, bank, device)           # [N, C, h, w]
     encoder = PromptEncoder(teacher.text_encoder, teacher.tokenizer, teacher.max_length)
@@ -453,7 +452,7 @@ def train(cfg: DMD2Config) -> Path:
         student_t = torch.tensor(cfg.student_timesteps, device=device, dtype=torch.long)  # [n]
         n_student = len(cfg.student_timesteps)
         latent_channels, latent_size, _ = teacher.latent_shape
-        image_size = latent_size * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+        image_size = teacher.image_size
 
         # 3. Data: world renders -> latent distributions; every caption phrasing encoded once.
         data = load_world_data(teacher, real_images=cfg.real_images, bank_seed=cfg.bank_seed,

@@ -275,7 +275,7 @@ def train(cfg: LCMConfig) -> Path:
         alphas_cumprod = teacher.scheduler.alphas_cumprod.to(device, torch.float32)     # [T]
         num_train = alphas_cumprod.shape[0]
         latent_channels, latent_size, _ = teacher.latent_shape
-        image_size = latent_size * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+        image_size = teacher.image_size
         boundary = dict(sigma_data=0.5, timestep_scaling=cfg.timestep_scaling)   # LCMScheduler's sigma_data
 
         # 3. Data: world renders -> latent distributions; every caption phrasing encoded once.
