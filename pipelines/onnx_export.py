@@ -49,7 +49,7 @@ from pipelines.images import tensor_to_pil
 from pipelines.text_encoder import PACKAGE_NAME, minilm_path, tokenize_prompts
 from pipelines.text_to_image import (SCHEDULER_CLASSES, PortraitDiffusionPipeline, ProgressCallback,
                                      TextToImageOutput, scheduler_classes, check_negative_mode,
-                                     check_sampling_inputs, denoise)
+                                     check_sampling_inputs, denoise, negative_prompts)
 
 __all__ = ["export_onnx", "OnnxPortraitPipeline", "ONNX_CONFIG_NAME", "DEFAULT_OPSET"]
 
@@ -417,10 +417,7 @@ class OnnxPortraitPipeline:
 
         # 1. Encode the prompts (and the negative / empty prompts for guidance).
         t0 = time.perf_counter()
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        else:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = negative_prompts(negative_prompt, len(prompts))
         cond, truncated = self.encode_prompt(prompts)
         cond = cond.repeat_interleave(n, dim=0)                                # [B, L, D]
         if use_cfg:

@@ -36,7 +36,7 @@ from pipelines.images import tensor_to_pil
 from pipelines.text_encoder import DEFAULT_MAX_LENGTH, PACKAGE_NAME, encode_prompts, load_text_encoder
 
 __all__ = ["PortraitDiffusionPipeline", "TextToImageOutput", "SCHEDULER_CLASSES", "check_sampling_inputs",
-           "denoise", "scheduler_classes"]
+           "denoise", "negative_prompts", "scheduler_classes"]
 
 ProgressCallback = Callable[[int, int, Any], None]
 
@@ -126,6 +126,13 @@ def check_sampling_inputs(pipe: Any, prompt: Any, negative_prompt: Any, num_infe
     if latents is not None and tuple(latents.shape) != (batch, *pipe.latent_shape):
         raise ValueError(f"latents must have shape {(batch, *pipe.latent_shape)}, got {tuple(latents.shape)}")
     return prompts
+
+
+def negative_prompts(negative_prompt: str | list[str] | None, count: int) -> list[str]:
+    """One negative prompt per prompt (the empty prompt when there is none: plain CFG)."""
+    if negative_prompt is None:
+        return [""] * count
+    return [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
 
 
 class PortraitDiffusionPipeline:
@@ -304,10 +311,7 @@ class PortraitDiffusionPipeline:
 
         # 1. Encode the prompts (and the negative / empty prompts for guidance).
         t0 = time.perf_counter()
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        else:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = negative_prompts(negative_prompt, len(prompts))
         cond, truncated = self.encode_prompt(prompts)
         cond = cond.repeat_interleave(n, dim=0)                                # [B, L, 384]
         steering = nullcontext()
