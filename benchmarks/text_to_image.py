@@ -32,10 +32,8 @@ Timings: a warm-up call first, then the median of ``--repeats`` calls; ``--threa
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +41,11 @@ import numpy as np
 import torch
 
 from benchmarks.common import parser, write
-from pipelines.data.portrait_world import ATTRIBUTES, HELD_OUT_COMBINATIONS, PortraitWorld, caption_attributes
+from pipelines.data.portrait_world import ATTRIBUTES, PortraitWorld, caption_attributes
 from pipelines.evaluation import EMBEDDED_EVALUATOR, Evaluator, frechet_distance, prompt_adherence
 from pipelines.text_to_image import PortraitDiffusionPipeline
+from pipelines.text_to_image_eval import (TIMING_BATCH, adherence, generate, heldout_captions, naming_caption,
+                                         prompt_set, real_images, speed_figures, time_call)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = ROOT / "assets" / "portrait_teacher"
@@ -62,10 +62,6 @@ NEGATIVE_PHRASES = {
     ("bangs", "yes"): "bangs", ("expression", "smile"): "smiling", ("expression", "laughing"): "laughing",
     ("expression", "surprised"): "surprised",
 }
-TIMING_BATCH = 8
-PROMPT_SEED = 31_000_000
-FD_PROMPT_SEED = 32_000_000
-REAL_SEED = 33_000_000
 NEGATIVE_SEED = 34_000_000
 
 
@@ -81,73 +77,12 @@ def check_model(path: str | Path, role: str) -> Path:
     return path
 
 
-# -- prompts ------------------------------------------------------------------------------------
-def _naming_caption(world: PortraitWorld, attrs, must_name: dict[str, str], seed: int, tries: int = 200) -> str:
-    """A caption of ``attrs`` (phrasing drawn from ``seed``) that names every attribute of ``must_name``."""
-    for k in range(tries):
-        caption = world.caption(attrs, np.random.default_rng([seed, k]))
-        named = caption_attributes(caption)
-        if all(named.get(n) == v for n, v in must_name.items()):
-            return caption
-    raise RuntimeError(f"no caption of {attrs} names {must_name} in {tries} tries")
-
-
-def prompt_set(n: int, seed: int = PROMPT_SEED, *, heldout_share: float = 0.5) -> list[dict[str, Any]]:
-    """``n`` fixed prompts: world captions, the first ``heldout_share`` of them of held-out portraits
-    whose caption names their held-out combination. Each: {"prompt", "held_out"}."""
-    world = PortraitWorld()
-    rng = np.random.default_rng(seed)
-    n_held = int(round(n * heldout_share))
-    out = []
-    for i in range(n):
-        held = i < n_held
-        attrs = world.sample_attributes(rng, split="heldout" if held else "train")
-        must = {}
-        if held:
-            d = attrs.to_dict()
-            must = next(c for c in HELD_OUT_COMBINATIONS if all(d[k] == v for k, v in c.items()))
-        out.append({"prompt": _naming_caption(world, attrs, must, seed + i), "held_out": held})
-    return out
-
-
 def attribute_prompts(n: int, name: str, value: str, seed: int = NEGATIVE_SEED) -> list[str]:
     """``n`` world captions of portraits with ``name`` = ``value`` that name it."""
     world = PortraitWorld()
     rng = np.random.default_rng(seed)
-    return [_naming_caption(world, world.sample_attributes(rng, split="any").replace(**{name: value}),
+    return [naming_caption(world, world.sample_attributes(rng, split="any").replace(**{name: value}),
                             {name: value}, seed + i) for i in range(n)]
-
-
-def real_images(n: int, size: int, seed: int = REAL_SEED) -> list:
-    """``n`` held-out world renders (PIL)."""
-    world = PortraitWorld()
-    return [world.sample(seed + i, size=size, split="heldout", with_line_art=False).image for i in range(n)]
-
-
-def heldout_captions(n: int, seed: int = FD_PROMPT_SEED) -> list[str]:
-    world = PortraitWorld()
-    return [world.sample(seed + i, size=world.MIN_SIZE, split="heldout", with_line_art=False).caption
-            for i in range(n)]
-
-
-# -- sampling -----------------------------------------------------------------------------------
-def generate(pipe, prompts: Sequence[str], *, steps: int, guidance: float, images_per_prompt: int = 1,
-             seed: int = 0, batch: int = 16, **kwargs) -> torch.Tensor:
-    """Images [len(prompts) * images_per_prompt, 3, H, W] in [-1, 1] (float32, CPU), image i of
-    prompt j from a fixed seed: chunks of ``batch`` images, chunk k seeded ``seed + k``."""
-    per_call = max(1, batch // images_per_prompt)
-    out = []
-    for k, start in enumerate(range(0, len(prompts), per_call)):
-        res = pipe(prompt=list(prompts[start:start + per_call]), num_inference_steps=steps,
-                   guidance_scale=guidance, num_images_per_prompt=images_per_prompt, output_type="pt",
-                   generator=torch.Generator().manual_seed(seed + k), **kwargs)
-        out.append(res.images.float().cpu())
-    return torch.cat(out)
-
-
-def adherence(evaluator: Evaluator, images: torch.Tensor, prompts: Sequence[str], images_per_prompt: int = 1) -> float:
-    return prompt_adherence(evaluator.predict_attributes(images),
-                            [p for p in prompts for _ in range(images_per_prompt)])
 
 
 def teacher_sweep(teacher, evaluator: Evaluator, prompts: Sequence[str], *, steps: Sequence[int],
@@ -164,52 +99,6 @@ def teacher_sweep(teacher, evaluator: Evaluator, prompts: Sequence[str], *, step
     best = max(scores.values())
     chosen = min((k for k, v in scores.items() if v >= best - tolerance), key=lambda k: (k[0], k[1]))
     return scores, chosen, images[chosen]
-
-
-# -- timing -------------------------------------------------------------------------------------
-def sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_call(call: Callable[[], Any], *, repeats: int, device: torch.device | str = "cpu") -> dict[str, float]:
-    """A warm-up call, then medians over ``repeats`` calls: "total" (wall clock, seconds) and each
-    key of the output's ``timings``."""
-    call()
-    runs: list[dict[str, float]] = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = call()
-        sync(device)
-        runs.append({"total": time.perf_counter() - t0, **dict(getattr(out, "timings", {}))})
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-
-
-def speed_figures(teacher, student, prompts: Sequence[str], *, teacher_steps: int, teacher_guidance: float,
-                  repeats: int, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Teacher (its setting) and student (1 step, guidance 1) on the same batch of prompts, end to end."""
-    prompts = list(prompts)
-
-    def teacher_call():
-        return teacher(prompt=prompts, num_inference_steps=teacher_steps, guidance_scale=teacher_guidance,
-                       generator=torch.Generator().manual_seed(0))
-
-    def student_call():
-        return student(prompt=prompts, num_inference_steps=1, guidance_scale=1.0,
-                       generator=torch.Generator().manual_seed(0))
-
-    t = time_call(teacher_call, repeats=repeats, device=device)
-    s = time_call(student_call, repeats=repeats, device=device)
-    one = time_call(lambda: student(prompt=prompts[:1], num_inference_steps=1, guidance_scale=1.0,
-                                    generator=torch.Generator().manual_seed(0)), repeats=repeats, device=device)
-    figures = {"speedup": t["total"] / s["total"], "denoise_speedup": t["denoising"] / s["denoising"],
-               "timing_batch": len(prompts), "student_latency_ms": 1000 * one["total"]}
-    for name, d in (("teacher", t), ("student", s)):
-        figures[f"{name}_batch_ms"] = 1000 * d["total"]
-        for k in ("text_encoding", "denoising", "decoding"):
-            figures[f"{name}_{k}_ms"] = 1000 * d[k]
-    return figures
 
 
 def onnx_figures(student_folder: str | Path, prompts: Sequence[str], *, repeats: int,

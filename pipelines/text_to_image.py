@@ -196,14 +196,23 @@ class PortraitDiffusionPipeline:
         pipe.vae.to(device)
         return pipe
 
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
-        """Write unet/, vae/, scheduler/ and model_index.json (the text encoder is not written)."""
+    def save_pretrained(self, folder: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
+        """Write unet/, vae/, scheduler/ and model_index.json (the text encoder is not written).
+
+        ``dtype`` (e.g. ``torch.float16`` for the embedded assets) stores the weights in that type;
+        the pipeline in memory keeps its own. :meth:`from_pretrained` casts to the dtype it loads with.
+        """
+        import copy
+
         import diffusers
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(folder / "unet")
-        self.vae.save_pretrained(folder / "vae")
+        for name in ("unet", "vae"):
+            module = getattr(self, name)
+            if dtype is not None and next(module.parameters()).dtype != dtype:
+                module = copy.deepcopy(module).to(dtype)
+            module.save_pretrained(folder / name)
         self.scheduler.save_pretrained(folder / "scheduler")
         index = {
             "_class_name": type(self).__name__,

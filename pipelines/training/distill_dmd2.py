@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.device import select_device
+from pipelines.evaluation import EMBEDDED_EVALUATOR
 from pipelines.images import make_grid
 from pipelines.text_encoder import PromptEncoder
 from pipelines.text_to_image import PortraitDiffusionPipeline
@@ -124,11 +125,17 @@ class DMD2Config:
     keep_checkpoints: int = 2
     num_samples: int = 16                     # prompts in a sample grid
     export_to: Optional[str] = None           # also write the student pipeline (with a card) here
+    # end-of-run evaluation against the teacher, written into the card as eval_* figures
+    eval_prompts: int = 16                    # prompts of the world's fixed prompt set; 0 = no evaluation
+    eval_teacher_steps: int = 25              # the teacher's sampling steps (its guidance: guidance_scale)
+    evaluator: str = str(EMBEDDED_EVALUATOR)  # evaluator folder
 
     def validate(self) -> None:
         """Refuse bad values before any work (no folder is created)."""
+        validate_eval_fields(self)
         for name in ("steps", "batch", "fake_updates", "log_every", "sample_every", "checkpoint_every",
-                     "keep_checkpoints", "num_samples", "real_images", "captions_per_image", "gan_head_channels"):
+                     "keep_checkpoints", "num_samples", "eval_teacher_steps", "real_images",
+                     "captions_per_image", "gan_head_channels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -416,6 +423,42 @@ def save_sample_grid(student: PortraitDiffusionPipeline, prompts: list[str], num
     make_grid(out.images, columns=int(math.ceil(math.sqrt(len(out.images))))).save(path)
 
 
+def validate_eval_fields(cfg: Any) -> None:
+    """Refuse bad end-of-run evaluation settings (``eval_prompts``, ``evaluator``) of a distillation config."""
+    if isinstance(cfg.eval_prompts, bool) or not isinstance(cfg.eval_prompts, int) or cfg.eval_prompts < 0:
+        raise ValueError(f"eval_prompts must be an integer >= 0, got {cfg.eval_prompts!r}")
+    if cfg.eval_prompts and not Path(cfg.evaluator).exists():
+        raise ValueError(f"evaluator {cfg.evaluator!r} does not exist (eval_prompts 0 skips the evaluation)")
+
+
+def evaluate_into_cards(folders: list[Path], student: PortraitDiffusionPipeline, teacher: PortraitDiffusionPipeline,
+                        cfg: Any, *, student_steps: int, teacher_guidance: float) -> dict[str, float]:
+    """The end-of-run evaluation (:func:`pipelines.text_to_image_eval.evaluate_student`: adherence,
+    FD-world, speedup over the teacher) written into each exported card as ``eval_*`` figures."""
+    if not cfg.eval_prompts:
+        return {}
+    from pipelines.cards import add_figures
+    from pipelines.evaluation import Evaluator
+    from pipelines.text_to_image_eval import evaluate_student
+
+    device = student.unet.device
+    t0 = time.perf_counter()
+    student.unet.eval()
+    figures = evaluate_student(student, teacher, Evaluator.from_pretrained(cfg.evaluator, device=device),
+                               prompts=cfg.eval_prompts, student_steps=student_steps,
+                               teacher_steps=cfg.eval_teacher_steps, teacher_guidance=teacher_guidance,
+                               device=device)
+    command = (f"pipelines.text_to_image_eval.evaluate_student(prompts={cfg.eval_prompts}, "
+               f"student_steps={student_steps}, teacher_steps={cfg.eval_teacher_steps}, "
+               f"teacher_guidance={teacher_guidance:g}) at the end of the run")
+    for folder in folders:
+        add_figures(folder, figures, prefix="eval_", command=command)
+    print(f"evaluation ({time.perf_counter() - t0:.0f}s): adherence {figures['student_adherence']:.3f} "
+          f"(teacher {figures['teacher_adherence']:.3f}), FD ratio {figures['fd_ratio']:.2f}, "
+          f"speedup {figures['speedup']:.1f}x", flush=True)
+    return figures
+
+
 def save_student(student: PortraitDiffusionPipeline, folder: Path, teacher: str | os.PathLike[str]) -> None:
     """The student pipeline folder; the teacher autoencoder's card goes with its weights."""
     student.save_pretrained(folder)
@@ -661,6 +704,8 @@ def train(cfg: DMD2Config) -> Path:
         for folder in targets:
             save_student(student, folder, cfg.teacher)
             write_student_card(folder, cfg, n_params, image_size, command, figures)
+        figures.update({f"eval_{k}": v for k, v in evaluate_into_cards(
+            targets, student, teacher, cfg, student_steps=n_student, teacher_guidance=cfg.guidance_scale).items()})
         run.set_status("finished", step=step, total=cfg.steps, figures=figures)
         print(f"saved {targets[-1]} after {step} steps ({time.perf_counter() - t_start:.0f}s in all)", flush=True)
         return targets[-1]

@@ -54,10 +54,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from pipelines.evaluation import EMBEDDED_EVALUATOR
 from pipelines.text_to_image import PortraitDiffusionPipeline
-from pipelines.training.distill_dmd2 import (add_noise, lcm_timesteps, load_world_data, predict_x0, save_sample_grid,
-                                             save_student, student_scheduler, teacher_scheduler_config,
-                                             training_device)
+from pipelines.training.distill_dmd2 import (add_noise, evaluate_into_cards, lcm_timesteps, load_world_data,
+                                             predict_x0, save_sample_grid, save_student, student_scheduler,
+                                             teacher_scheduler_config, training_device, validate_eval_fields)
 from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, config_to_dict, parse_config,
                                      restore_rng_state, seed_everything)
 
@@ -112,11 +113,17 @@ class LCMConfig:
     num_samples: int = 16                     # prompts in a sample grid
     export_network: str = "student"           # "student" (online theta, as diffusers' script) or "target" (EMA)
     export_to: Optional[str] = None           # also write the student pipeline (with a card) here
+    # end-of-run evaluation against the teacher, written into the card as eval_* figures
+    eval_prompts: int = 16                    # prompts of the world's fixed prompt set; 0 = no evaluation
+    eval_teacher_steps: int = 25              # the teacher's sampling steps (its guidance: guidance_scale)
+    evaluator: str = str(EMBEDDED_EVALUATOR)  # evaluator folder
 
     def validate(self) -> None:
         """Refuse bad values before any work (no folder is created)."""
+        validate_eval_fields(self)
         for name in ("steps", "batch", "log_every", "sample_every", "sample_steps", "checkpoint_every",
-                     "keep_checkpoints", "num_samples", "real_images", "captions_per_image", "num_ddim_timesteps"):
+                     "keep_checkpoints", "num_samples", "eval_teacher_steps", "real_images",
+                     "captions_per_image", "num_ddim_timesteps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -435,6 +442,8 @@ def train(cfg: LCMConfig) -> Path:
         for folder in targets:
             save_student(exported, folder, cfg.teacher)
             write_student_card(folder, cfg, n_params, image_size, command, figures)
+        figures.update({f"eval_{k}": v for k, v in evaluate_into_cards(
+            targets, exported, teacher, cfg, student_steps=1, teacher_guidance=cfg.guidance_scale_max).items()})
         run.set_status("finished", step=step, total=cfg.steps, figures=figures)
         print(f"saved {targets[-1]} after {step} steps ({time.perf_counter() - t_start:.0f}s in all)", flush=True)
         return targets[-1]

@@ -160,7 +160,7 @@ class RunFolder:
                 )
             # fields that only say how long, where to or how often: a resumed run may change them
             ignore = {"total_steps", "steps", "total_kimg", "resume", "out_dir", "export_to", "export_dir",
-                      "examples_grid", "device", "workers", "max_train_minutes", "log_every",
+                      "examples_grid", "device", "workers", "max_train_minutes", "max_minutes", "log_every",
                       "sample_every", "checkpoint_every"}
             diff = {k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k)}
             if resume and diff:

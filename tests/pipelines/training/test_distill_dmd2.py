@@ -38,7 +38,7 @@ def run_args(teacher, out, **overrides) -> list[str]:
     options = {"teacher": teacher, "out_dir": out, "device": "cpu", "real_images": 8, "workers": 1,
                "bank_cache": out.parent.parent / "cache", "captions_per_image": 2, "batch": 2, "steps": 2,
                "fake_updates": 3, "log_every": 1, "sample_every": 100, "checkpoint_every": 1,
-               "num_samples": 2, "gan_head_channels": 16, **overrides}
+               "num_samples": 2, "gan_head_channels": 16, "eval_prompts": 2, "eval_teacher_steps": 2, **overrides}
     return [a for k, v in options.items() for a in (f"--{k}", str(v))]
 
 
@@ -126,6 +126,8 @@ def test_backward_simulation_feeds_step_k_with_the_generator_own_previous_output
     ({"student_timesteps": (999, 600)}, "grid"),
     ({"min_t": 0.9, "max_t": 0.5}, "min_t"),
     ({"teacher": "missing"}, "not a PortraitDiffusionPipeline folder"),
+    ({"eval_prompts": -1}, "eval_prompts"),
+    ({"evaluator": "no/such/evaluator"}, "evaluator"),
 ])
 def test_bad_configs_are_refused_before_any_folder_is_created(teacher, tmp_path, overrides, message):
     out = tmp_path / "run"
@@ -176,13 +178,20 @@ def test_exported_students_generate_at_one_and_two_steps(teacher, one_step_run, 
     _, one_step = one_step_run
     out = tmp_path / "runs" / "dmd2_2step"
     two_step = distill_dmd2.main(run_args(teacher, out, steps=1, fake_updates=1, student_timesteps="999,499",
-                                          export_to=tmp_path / "exported"))
+                                          export_to=tmp_path / "exported", eval_prompts=0))
     assert two_step == tmp_path / "exported" and (out / "pipeline" / "model_index.json").exists()
     for folder, steps in ((one_step, 1), (two_step, 2)):
         card = json.loads((folder / "card.json").read_text())
         assert card["figures"]["student_timesteps"] == [999, 499][:steps]
         pipe = PortraitDiffusionPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
         assert type(pipe.scheduler).__name__ == "LCMScheduler"
+        evaluated = {k for k in card["figures"] if k.startswith("eval_")}
+        if steps == 1:   # the end-of-run evaluation against the teacher is in the card ...
+            assert {"eval_student_adherence", "eval_teacher_adherence", "eval_fd_ratio", "eval_speedup"} <= evaluated
+            assert 0 <= card["figures"]["eval_student_adherence"] <= 1 and card["figures"]["eval_speedup"] > 0
+            assert card["figures"]["eval_prompts"] == 2 and "evaluate_student" in card["notes"]
+        else:            # ... unless eval_prompts is 0
+            assert not evaluated
         result = pipe(prompt="a girl with long red hair", num_inference_steps=steps, guidance_scale=1.0,
                       output_type="pt", generator=torch.Generator().manual_seed(0))
         assert pipe.scheduler.timesteps.tolist() == [999, 499][:steps]

@@ -35,7 +35,8 @@ def run_args(teacher, out, **overrides) -> list[str]:
     options = {"teacher": teacher, "out_dir": out, "device": "cpu", "real_images": 8, "workers": 1,
                "bank_cache": out.parent.parent / "cache", "captions_per_image": 2, "batch": 2, "steps": 2,
                "guidance_scale_min": 2.0, "guidance_scale_max": 8.0, "log_every": 1, "sample_every": 100,
-               "sample_steps": 2, "checkpoint_every": 1, "num_samples": 2, **overrides}
+               "sample_steps": 2, "checkpoint_every": 1, "num_samples": 2, "eval_prompts": 2, "eval_teacher_steps": 2,
+               **overrides}
     return [a for k, v in options.items() for a in (f"--{k}", str(v))]
 
 
@@ -166,6 +167,9 @@ def test_exported_student_generates_at_one_and_four_steps(full_run):
     _, folder = full_run
     card = json.loads((folder / "card.json").read_text())
     assert card["figures"]["steps"] == 2 and card["figures"]["num_ddim_timesteps"] == 50
+    # the end-of-run evaluation against the teacher (one step, as the benchmark's student)
+    assert 0 <= card["figures"]["eval_student_adherence"] <= 1 and card["figures"]["eval_student_steps"] == 1
+    assert card["figures"]["eval_fd_world_student"] > 0 and card["figures"]["eval_speedup"] > 0
     pipe = PortraitDiffusionPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     for steps, timesteps in ((1, [999]), (4, [999, 759, 499, 259])):

@@ -1,0 +1,170 @@
+"""Evaluate text-to-image pipelines of the portrait world: fixed prompt sets, adherence, FD-world
+and speed against a teacher.
+
+The text-to-image benchmark (``benchmarks/text_to_image.py``) reports all of these with its sweeps; the
+distillation scripts call :func:`evaluate_student` at the end of a run and write its figures into the
+student's card (adherence, FD-world, speedup over the teacher).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.data.portrait_world import HELD_OUT_COMBINATIONS, PortraitWorld, caption_attributes
+from pipelines.evaluation import Evaluator, frechet_distance, prompt_adherence
+
+__all__ = ["prompt_set", "naming_caption", "real_images", "heldout_captions", "generate", "adherence",
+           "time_call", "speed_figures", "evaluate_student"]
+
+TIMING_BATCH = 8
+PROMPT_SEED = 31_000_000
+FD_PROMPT_SEED = 32_000_000
+REAL_SEED = 33_000_000
+
+
+# -- prompts ------------------------------------------------------------------------------------
+def naming_caption(world: PortraitWorld, attrs, must_name: dict[str, str], seed: int, tries: int = 200) -> str:
+    """A caption of ``attrs`` (phrasing drawn from ``seed``) that names every attribute of ``must_name``."""
+    for k in range(tries):
+        caption = world.caption(attrs, np.random.default_rng([seed, k]))
+        named = caption_attributes(caption)
+        if all(named.get(n) == v for n, v in must_name.items()):
+            return caption
+    raise RuntimeError(f"no caption of {attrs} names {must_name} in {tries} tries")
+
+
+def prompt_set(n: int, seed: int = PROMPT_SEED, *, heldout_share: float = 0.5) -> list[dict[str, Any]]:
+    """``n`` fixed prompts: world captions, the first ``heldout_share`` of them of held-out portraits
+    whose caption names their held-out combination. Each: {"prompt", "held_out"}."""
+    world = PortraitWorld()
+    rng = np.random.default_rng(seed)
+    n_held = int(round(n * heldout_share))
+    out = []
+    for i in range(n):
+        held = i < n_held
+        attrs = world.sample_attributes(rng, split="heldout" if held else "train")
+        must = {}
+        if held:
+            d = attrs.to_dict()
+            must = next(c for c in HELD_OUT_COMBINATIONS if all(d[k] == v for k, v in c.items()))
+        out.append({"prompt": naming_caption(world, attrs, must, seed + i), "held_out": held})
+    return out
+
+
+def real_images(n: int, size: int, seed: int = REAL_SEED) -> list:
+    """``n`` held-out world renders (PIL)."""
+    world = PortraitWorld()
+    return [world.sample(seed + i, size=size, split="heldout", with_line_art=False).image for i in range(n)]
+
+
+def heldout_captions(n: int, seed: int = FD_PROMPT_SEED) -> list[str]:
+    world = PortraitWorld()
+    return [world.sample(seed + i, size=world.MIN_SIZE, split="heldout", with_line_art=False).caption
+            for i in range(n)]
+
+
+
+# -- sampling -----------------------------------------------------------------------------------
+def generate(pipe, prompts: Sequence[str], *, steps: int, guidance: float, images_per_prompt: int = 1,
+             seed: int = 0, batch: int = 16, **kwargs) -> torch.Tensor:
+    """Images [len(prompts) * images_per_prompt, 3, H, W] in [-1, 1] (float32, CPU), image i of
+    prompt j from a fixed seed: chunks of ``batch`` images, chunk k seeded ``seed + k``."""
+    per_call = max(1, batch // images_per_prompt)
+    out = []
+    for k, start in enumerate(range(0, len(prompts), per_call)):
+        res = pipe(prompt=list(prompts[start:start + per_call]), num_inference_steps=steps,
+                   guidance_scale=guidance, num_images_per_prompt=images_per_prompt, output_type="pt",
+                   generator=torch.Generator().manual_seed(seed + k), **kwargs)
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
+
+
+def adherence(evaluator: Evaluator, images: torch.Tensor, prompts: Sequence[str], images_per_prompt: int = 1) -> float:
+    return prompt_adherence(evaluator.predict_attributes(images),
+                            [p for p in prompts for _ in range(images_per_prompt)])
+
+
+
+# -- timing -------------------------------------------------------------------------------------
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(call: Callable[[], Any], *, repeats: int, device: torch.device | str = "cpu") -> dict[str, float]:
+    """A warm-up call, then medians over ``repeats`` calls: "total" (wall clock, seconds) and each
+    key of the output's ``timings``."""
+    call()
+    runs: list[dict[str, float]] = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = call()
+        sync(device)
+        runs.append({"total": time.perf_counter() - t0, **dict(getattr(out, "timings", {}))})
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def speed_figures(teacher, student, prompts: Sequence[str], *, teacher_steps: int, teacher_guidance: float,
+                  repeats: int, student_steps: int = 1, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Teacher (its setting) and student (``student_steps``, guidance 1) on the same batch of prompts,
+    end to end ("speedup") and for the denoising loop alone ("denoise_speedup")."""
+    prompts = list(prompts)
+
+    def teacher_call():
+        return teacher(prompt=prompts, num_inference_steps=teacher_steps, guidance_scale=teacher_guidance,
+                       generator=torch.Generator().manual_seed(0))
+
+    def student_call():
+        return student(prompt=prompts, num_inference_steps=student_steps, guidance_scale=1.0,
+                       generator=torch.Generator().manual_seed(0))
+
+    t = time_call(teacher_call, repeats=repeats, device=device)
+    s = time_call(student_call, repeats=repeats, device=device)
+    one = time_call(lambda: student(prompt=prompts[:1], num_inference_steps=student_steps, guidance_scale=1.0,
+                                    generator=torch.Generator().manual_seed(0)), repeats=repeats, device=device)
+    figures = {"speedup": t["total"] / s["total"], "denoise_speedup": t["denoising"] / s["denoising"],
+               "timing_batch": len(prompts), "student_latency_ms": 1000 * one["total"]}
+    for name, d in (("teacher", t), ("student", s)):
+        figures[f"{name}_batch_ms"] = 1000 * d["total"]
+        for k in ("text_encoding", "denoising", "decoding"):
+            figures[f"{name}_{k}_ms"] = 1000 * d[k]
+    return figures
+
+
+
+# -- a student against its teacher ----------------------------------------------------------------
+def evaluate_student(student, teacher, evaluator: Evaluator, *, prompts: int = 16, student_steps: int = 1,
+                     teacher_steps: int = 25, teacher_guidance: float = 4.0, fd_images: int = 64,
+                     repeats: int = 2, device: torch.device | str = "cpu") -> dict[str, float]:
+    """What a finished distillation run writes into its student's card.
+
+    ``student_adherence`` / ``teacher_adherence`` on :func:`prompt_set` (half of it held-out
+    combinations), ``fd_world_student`` / ``fd_world_teacher`` against held-out renders and their
+    ratio, and ``speedup`` / ``denoise_speedup`` for a batch of :data:`TIMING_BATCH` prompts. A
+    quick version of ``python -m benchmarks.text_to_image`` (fewer prompts and images, one teacher
+    setting), cheap enough to run at the end of every run.
+    """
+    texts = [p["prompt"] for p in prompt_set(prompts)]
+    student_kw = dict(steps=student_steps, guidance=1.0)
+    teacher_kw = dict(steps=teacher_steps, guidance=teacher_guidance)
+    figures = {"student_adherence": adherence(evaluator, generate(student, texts, **student_kw), texts),
+               "teacher_adherence": adherence(evaluator, generate(teacher, texts, **teacher_kw), texts)}
+    real = evaluator.features(real_images(fd_images, size=PortraitWorld.MIN_SIZE))
+    captions = heldout_captions(fd_images)
+    fd_student = frechet_distance(evaluator.features(generate(student, captions, **student_kw, seed=1)), real)
+    fd_teacher = frechet_distance(evaluator.features(generate(teacher, captions, **teacher_kw, seed=1)), real)
+    figures.update(fd_world_student=fd_student, fd_world_teacher=fd_teacher, fd_ratio=fd_student / fd_teacher)
+    batch = (texts * TIMING_BATCH)[:TIMING_BATCH]
+    speed = speed_figures(teacher, student, batch, teacher_steps=teacher_steps, teacher_guidance=teacher_guidance,
+                          repeats=repeats, student_steps=student_steps, device=device)
+    figures.update({k: speed[k] for k in ("speedup", "denoise_speedup", "student_latency_ms")})
+    figures.update(prompts=len(texts), fd_images=fd_images, student_steps=student_steps,
+                   teacher_steps=teacher_steps, teacher_guidance=teacher_guidance)
+    return figures
