@@ -45,6 +45,7 @@ from pipelines.evaluation import EMBEDDED_EVALUATOR, Evaluator
 from pipelines.run_manager import RunManager
 from pipelines.text_to_image import PortraitDiffusionPipeline
 from pipelines.text_to_image_eval import adherence, generate, prompt_set
+from pipelines.training.runs import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = ROOT / "assets" / "portrait_teacher"
@@ -126,7 +127,7 @@ def resume_figures(manager: RunManager, teacher: Path, *, steps: int, checkpoint
     while manager.info(name).state == "running":
         manager.poll()
         time.sleep(0.1)
-    before = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    before = RunFolder(folder).metrics()          # (a line cut short by the kill is skipped)
     killed_at = max(r["step"] for r in before)
     state_after_kill = manager.info(name).state
     manager.resume(name)
@@ -136,7 +137,7 @@ def resume_figures(manager: RunManager, teacher: Path, *, steps: int, checkpoint
     if not found:
         raise RuntimeError(f"run {name} did not resume from a checkpoint:\n{log[-2000:]}")
     resumed_from = int(found[-1])
-    after = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    after = RunFolder(folder).metrics()
     redone = {r["step"]: r for r in after if resumed_from < r["step"] <= killed_at}
     diffs = [abs(r[k] - redone[r["step"]][k]) for r in before if r["step"] in redone
              for k in LOSS_KEYS if k in r and k in redone[r["step"]]]
@@ -178,7 +179,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             p.error(f"--set needs FIELD=VALUE, got {item!r}")
-        overrides[key.strip()] = value.strip()
+        try:
+            overrides[key.strip()] = json.loads(value)      # numbers, true/false, lists
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value.strip()          # paths and other text
     torch.set_num_threads(args.threads)
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="bench-runs-"))

@@ -193,6 +193,10 @@ EMBEDDED: tuple[tuple[str, str, str], ...] = (
     ("stylegan2_portraits64", "Portrait StyleGAN2-ADA 64 px (embedded)",
      "the studio's own StyleGAN2-ADA, trained on the portrait world after self-filtering"),
     ("clip", "PortraitCLIP (embedded)", "a small open_clip model trained contrastively on portrait-world captions"),
+    ("portrait_student", "Portrait one-step student (DMD2, embedded)",
+     "the studio's latent diffusion teacher distilled with DMD2 to one step"),
+    ("portrait_teacher", "Portrait teacher (latent diffusion, embedded)",
+     "the studio's own latent diffusion model of the portrait world, MiniLM text encoder"),
 )
 
 

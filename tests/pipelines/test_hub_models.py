@@ -15,8 +15,6 @@ import torch
 pytest.importorskip("diffusers")
 
 import diffusers  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from pipelines.hub_models import (  # noqa: E402
     DMD2_TIMESTEPS,
@@ -27,65 +25,8 @@ from pipelines.hub_models import (  # noqa: E402
     load_text_to_image,
 )
 from pipelines.text_to_image import TextToImageOutput  # noqa: E402
-
-WORDS = "a cat dog red blue hair portrait glasses smiling photo of the".split()
-
-
-def clip_tokenizer() -> CLIPTokenizer:
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for word in WORDS:
-        vocab[word + "</w>"] = len(vocab)
-    for char in "abcdefghijklmnopqrstuvwxyz":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-
-
-def clip_text(with_projection: bool = False):
-    torch.manual_seed(0)
-    config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                            num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
-                            max_position_embeddings=16, projection_dim=32)
-    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
-
-
-def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=2, sample_size=16)
-
-
-def tiny_sd_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4)
-
-
-def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=4)
-
-
-def save_sd(folder, scheduler) -> None:
-    diffusers.StableDiffusionPipeline(
-        unet=tiny_sd_unet(), vae=tiny_vae(), text_encoder=clip_text(), tokenizer=clip_tokenizer(),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(folder)
-
-
-def save_sdxl(folder, scheduler) -> None:
-    diffusers.StableDiffusionXLPipeline(
-        unet=tiny_sdxl_unet(), vae=tiny_vae(), text_encoder=clip_text(), tokenizer=clip_tokenizer(),
-        text_encoder_2=clip_text(with_projection=True), tokenizer_2=clip_tokenizer(), scheduler=scheduler,
-    ).save_pretrained(folder)
+from tests._tiny import CLIP_WORDS as WORDS  # noqa: E402
+from tests._tiny import save_sd, save_sdxl, tiny_sd_unet, tiny_sdxl_unet  # noqa: E402
 
 
 def trailing(cls):
