@@ -36,7 +36,7 @@ from pipelines.images import tensor_to_pil
 from pipelines.text_encoder import DEFAULT_MAX_LENGTH, PACKAGE_NAME, encode_prompts, load_text_encoder
 
 __all__ = ["PortraitDiffusionPipeline", "TextToImageOutput", "SCHEDULER_CLASSES", "check_sampling_inputs",
-           "denoise", "negative_prompts", "scheduler_classes"]
+           "copy_pipeline", "denoise", "negative_prompts", "scheduler_classes"]
 
 ProgressCallback = Callable[[int, int, Any], None]
 
@@ -414,3 +414,43 @@ def _step_params(scheduler) -> set[str]:
     import inspect
 
     return set(inspect.signature(scheduler.step).parameters)
+
+
+def copy_pipeline(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                  dtype: torch.dtype = torch.float16) -> Path:
+    """Copy a :class:`PortraitDiffusionPipeline` folder with its weights stored in ``dtype`` (the
+    embedded assets are fp16), and its cards (the pipeline's and the autoencoder's)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    pipe = PortraitDiffusionPipeline.from_pretrained(src, device="cpu", dtype=torch.float32)
+    if dst.exists():
+        shutil.rmtree(dst)
+    pipe.save_pretrained(dst, dtype=dtype)
+    for sub in ("", "vae"):
+        for name in ("card.json", "README.md"):
+            if (src / sub / name).exists():
+                shutil.copy(src / sub / name, dst / sub / name)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> Path:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Copy a portrait text-to-image pipeline folder with its weights "
+                                            "in another dtype (e.g. a training run's export into assets/ as fp16).")
+    p.add_argument("src", help="PortraitDiffusionPipeline folder")
+    p.add_argument("dst", help="folder to write (replaced if it exists)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    args = p.parse_args(argv)
+    if not (Path(args.src) / PortraitDiffusionPipeline.model_index_name).is_file():
+        p.exit(2, f"{p.prog}: {args.src} is not a PortraitDiffusionPipeline folder "
+                  f"(no {PortraitDiffusionPipeline.model_index_name})\n")
+    out = copy_pipeline(args.src, args.dst, dtype=getattr(torch, args.dtype))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

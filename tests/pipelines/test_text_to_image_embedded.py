@@ -39,6 +39,31 @@ def test_round_trip_gives_identical_images(minilm, tmp_path):
     torch.testing.assert_close(again.images, out.images, rtol=0, atol=0)
 
 
+def test_copy_stores_fp16_weights_that_load_back_to_nearly_the_same_images(minilm, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from pipelines.text_to_image import main as copy_main
+
+    pipe = tiny_pipeline(*minilm)
+    src = pipe.save_pretrained(tmp_path / "fp32")
+    (src / "card.json").write_text('{"title": "teacher"}')
+    dst = copy_main([str(src), str(tmp_path / "fp16")])
+    for name in ("unet", "vae"):
+        with safe_open(str(dst / name / "diffusion_pytorch_model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, name
+    assert json.loads((dst / "card.json").read_text())["title"] == "teacher"
+    args = dict(prompt="a portrait with red hair", num_inference_steps=2, output_type="pt")
+    a = PortraitDiffusionPipeline.from_pretrained(src, device="cpu", dtype=torch.float32)(
+        **args, generator=torch.Generator().manual_seed(3)).images
+    b = PortraitDiffusionPipeline.from_pretrained(dst, device="cpu", dtype=torch.float32)(
+        **args, generator=torch.Generator().manual_seed(3)).images
+    assert float((a - b).abs().max()) < 0.02 and not torch.equal(a, b)
+    assert next(pipe.unet.parameters()).dtype == torch.float32          # the source pipeline is untouched
+    with pytest.raises(SystemExit):
+        copy_main([str(tmp_path), str(tmp_path / "x")])
+    assert "not a PortraitDiffusionPipeline folder" in capsys.readouterr().err
+
+
 def test_guidance_and_negative_prompt_change_the_output(minilm):
     pipe = tiny_pipeline(*minilm)
     common = dict(prompt="blue hair", num_inference_steps=2, output_type="latent")
