@@ -64,8 +64,8 @@ from pipelines.evaluation import EMBEDDED_EVALUATOR
 from pipelines.images import make_grid
 from pipelines.text_encoder import PromptEncoder
 from pipelines.text_to_image import PortraitDiffusionPipeline
-from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, config_to_dict, parse_config,
-                                     restore_rng_state, seed_everything)
+from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, check_fields, config_to_dict,
+                                     parse_config, restore_rng_state, seed_everything)
 
 __all__ = ["DMD2Config", "GANHead", "WorldData", "load_world_data", "training_device", "lcm_timesteps",
            "student_scheduler", "add_noise", "predict_x0", "distribution_matching_loss", "bottleneck_features",
@@ -133,20 +133,12 @@ class DMD2Config:
     def validate(self) -> None:
         """Refuse bad values before any work (no folder is created)."""
         validate_eval_fields(self)
-        for name in ("steps", "batch", "fake_updates", "log_every", "sample_every", "checkpoint_every",
-                     "keep_checkpoints", "num_samples", "eval_teacher_steps", "real_images",
-                     "captions_per_image", "gan_head_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lr_generator", "lr_fake", "grad_clip"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        for name in ("gan_weight", "gan_d_weight", "weight_decay", "guidance_scale"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_fields(self, positive_ints=("steps", "batch", "fake_updates", "log_every", "sample_every",
+                                          "checkpoint_every", "keep_checkpoints", "num_samples",
+                                          "eval_teacher_steps", "real_images", "captions_per_image",
+                                          "gan_head_channels"),
+                     positive=("lr_generator", "lr_fake", "grad_clip"),
+                     nonneg=("gan_weight", "gan_d_weight", "weight_decay", "guidance_scale"))
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ValueError(f"adam betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         if not 0 <= self.min_t < self.max_t <= 1:
@@ -425,8 +417,7 @@ def save_sample_grid(student: PortraitDiffusionPipeline, prompts: list[str], num
 
 def validate_eval_fields(cfg: Any) -> None:
     """Refuse bad end-of-run evaluation settings (``eval_prompts``, ``evaluator``) of a distillation config."""
-    if isinstance(cfg.eval_prompts, bool) or not isinstance(cfg.eval_prompts, int) or cfg.eval_prompts < 0:
-        raise ValueError(f"eval_prompts must be an integer >= 0, got {cfg.eval_prompts!r}")
+    check_fields(cfg, nonneg_ints=("eval_prompts",))
     if cfg.eval_prompts and not Path(cfg.evaluator).exists():
         raise ValueError(f"evaluator {cfg.evaluator!r} does not exist (eval_prompts 0 skips the evaluation)")
 

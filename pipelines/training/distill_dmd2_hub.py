@@ -61,8 +61,8 @@ from pipelines.hub_models import LORA_FILE, resolve_source
 from pipelines.training.distill_dmd2 import (GANHead, add_noise, backward_simulation, bottleneck_features,
                                              denoising_target, distribution_matching_loss, lcm_timesteps,
                                              predict_x0)
-from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, config_to_dict, parse_config,
-                                     restore_rng_state, seed_everything)
+from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, check_fields, config_to_dict,
+                                     parse_config, restore_rng_state, seed_everything)
 
 __all__ = ["HubDMD2Config", "TeacherInfo", "teacher_info", "read_prompts", "TextConditioning", "ConditionedUNet",
            "encode_prompts", "load_real_images", "lora_config", "save_lora", "train", "main"]
@@ -124,23 +124,11 @@ class HubDMD2Config:
 
     def validate(self) -> None:
         """Refuse bad values before any work (no folder is created, no weights are loaded)."""
-        for name in ("steps", "batch", "fake_updates", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "lora_rank", "gan_head_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("fake_lora_rank", "num_samples", "resolution"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("lr", "lr_fake", "grad_clip"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        for name in ("gan_weight", "gan_d_weight", "weight_decay", "guidance_scale"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_fields(self, positive_ints=("steps", "batch", "fake_updates", "log_every", "checkpoint_every",
+                                          "keep_checkpoints", "lora_rank", "gan_head_channels"),
+                     nonneg_ints=("fake_lora_rank", "num_samples", "resolution"),
+                     positive=("lr", "lr_fake", "grad_clip"),
+                     nonneg=("gan_weight", "gan_d_weight", "weight_decay", "guidance_scale"))
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ValueError(f"adam betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         if not 0 <= self.min_t < self.max_t <= 1:

@@ -42,7 +42,6 @@ distill_dmd2) -> networks -> resume -> loop -> checkpoint -> export (pipeline fo
 from __future__ import annotations
 
 import copy
-import math
 import os
 import shlex
 import sys
@@ -59,8 +58,8 @@ from pipelines.text_to_image import PortraitDiffusionPipeline
 from pipelines.training.distill_dmd2 import (add_noise, evaluate_into_cards, lcm_timesteps, load_world_data,
                                              predict_x0, save_sample_grid, save_student, student_scheduler,
                                              teacher_scheduler_config, training_device, validate_eval_fields)
-from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, config_to_dict, parse_config,
-                                     restore_rng_state, seed_everything)
+from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, check_fields, config_to_dict,
+                                     parse_config, restore_rng_state, seed_everything)
 
 __all__ = ["LCMConfig", "boundary_scalings", "consistency_function", "predict_epsilon", "ddim_step",
            "skipping_step_timesteps", "consistency_loss", "ema_update", "train", "main"]
@@ -121,20 +120,12 @@ class LCMConfig:
     def validate(self) -> None:
         """Refuse bad values before any work (no folder is created)."""
         validate_eval_fields(self)
-        for name in ("steps", "batch", "log_every", "sample_every", "sample_steps", "checkpoint_every",
-                     "keep_checkpoints", "num_samples", "eval_teacher_steps", "real_images",
-                     "captions_per_image", "num_ddim_timesteps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "grad_clip", "huber_c", "timestep_scaling"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        for name in ("weight_decay", "guidance_scale_min", "guidance_scale_max"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_fields(self, positive_ints=("steps", "batch", "log_every", "sample_every", "sample_steps",
+                                          "checkpoint_every", "keep_checkpoints", "num_samples",
+                                          "eval_teacher_steps", "real_images", "captions_per_image",
+                                          "num_ddim_timesteps"),
+                     positive=("lr", "grad_clip", "huber_c", "timestep_scaling"),
+                     nonneg=("weight_decay", "guidance_scale_min", "guidance_scale_max"))
         if self.guidance_scale_min > self.guidance_scale_max:
             raise ValueError(f"guidance_scale_min {self.guidance_scale_min} is above guidance_scale_max "
                              f"{self.guidance_scale_max}")

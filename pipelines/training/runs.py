@@ -93,6 +93,27 @@ def parse_config(cls: type[ConfigT], argv: list[str] | None = None, description:
     return cls(**vars(args))
 
 
+def check_fields(config: Any, *, positive_ints: typing.Iterable[str] = (), nonneg_ints: typing.Iterable[str] = (),
+                 positive: typing.Iterable[str] = (), nonneg: typing.Iterable[str] = ()) -> None:
+    """Refuse config fields of the wrong kind with ``ValueError`` naming the field: integers > 0,
+    integers >= 0, finite numbers > 0, finite numbers >= 0 (booleans are not numbers here)."""
+    import math
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for names, ok, what in ((positive_ints, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                             "a positive integer"),
+                            (nonneg_ints, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                             "an integer >= 0"),
+                            (positive, lambda v: number(v) and v > 0, "a positive number"),
+                            (nonneg, lambda v: number(v) and v >= 0, "a finite number >= 0")):
+        for name in names:
+            value = getattr(config, name)
+            if not ok(value):
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -40,7 +40,10 @@ def studio_url(tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"],
+        # a scratch runs folder: the Distill / train test's runs land there, not in the checkout's runs/
+        runs_dir = tmp_path_factory.mktemp("runs")
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu",
+                                 "--runs-dir", str(runs_dir)],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
