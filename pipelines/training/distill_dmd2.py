@@ -250,6 +250,23 @@ def denoising_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Ten
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
+def score_x0(real_unet, fake_unet, x_t: torch.Tensor, t: torch.Tensor, context: Any, both_contexts: Any, *,
+             guidance_scale: float, alpha_bar: torch.Tensor, prediction_type: str,
+             autocast: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two scores' x0 estimates at ``x_t`` (no gradient): the real score (teacher) with
+    classifier-free guidance in one batched call on ``both_contexts`` = [unconditional; ``context``]
+    (inputs doubled), and the fake score on ``context``."""
+    with torch.no_grad():
+        with autocast():
+            pred_real = real_unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                  encoder_hidden_states=both_contexts).sample.float()
+            pred_fake = fake_unet(x_t, t, encoder_hidden_states=context).sample.float()
+        pred_uncond, pred_cond = pred_real.chunk(2)
+        pred_real = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        return (predict_x0(pred_real, x_t, alpha_bar, prediction_type),
+                predict_x0(pred_fake, x_t, alpha_bar, prediction_type))
+
+
 def distribution_matching_loss(x: torch.Tensor, x0_real: torch.Tensor,
                                x0_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distribution matching loss of DMD (Yin et al. 2024, "One-step Diffusion with Distribution
@@ -619,18 +636,11 @@ def train(cfg: DMD2Config) -> Path:
             x = generate(context)                                                          # with gradient
             t = torch.randint(int(cfg.min_t * num_train), int(cfg.max_t * num_train) + 1, (b,), device=device)
             t = t.clamp(max=num_train - 1)
-            with torch.no_grad():
-                x_t = add_noise(x.detach(), torch.randn_like(x), alphas_cumprod[t])
-                with autocast():
-                    # real score with CFG: one batched call, [uncond; cond]
-                    pred_real = real_unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                          encoder_hidden_states=torch.cat([uncond.expand_as(context), context])
-                                          ).sample.float()
-                    pred_fake = fake_unet(x_t, t, encoder_hidden_states=context).sample.float()
-                pred_uncond, pred_cond = pred_real.chunk(2)
-                pred_real = pred_uncond + cfg.guidance_scale * (pred_cond - pred_uncond)
-                x0_real = predict_x0(pred_real, x_t, alphas_cumprod[t], prediction_type)
-                x0_fake = predict_x0(pred_fake, x_t, alphas_cumprod[t], prediction_type)
+            x_t = add_noise(x.detach(), torch.randn_like(x), alphas_cumprod[t])
+            x0_real, x0_fake = score_x0(real_unet, fake_unet, x_t, t, context,
+                                        torch.cat([uncond.expand_as(context), context]),
+                                        guidance_scale=cfg.guidance_scale, alpha_bar=alphas_cumprod[t],
+                                        prediction_type=prediction_type, autocast=autocast)
             loss_dm, dm_grad = distribution_matching_loss(x, x0_real, x0_fake)
             loss = loss_dm
             if cfg.gan_weight > 0:

@@ -60,7 +60,7 @@ from torch import nn
 from pipelines.hub_models import LORA_FILE, resolve_source
 from pipelines.training.distill_dmd2 import (GANHead, add_noise, backward_simulation, bottleneck_features,
                                              denoising_target, distribution_matching_loss, lcm_timesteps,
-                                             predict_x0)
+                                             score_x0)
 from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, check_fields, config_to_dict,
                                      parse_config, restore_rng_state, seed_everything)
 
@@ -616,18 +616,11 @@ def train(cfg: HubDMD2Config) -> Path:
             x = generate(cond)                                                             # with gradient
             t = torch.randint(int(cfg.min_t * num_train), int(cfg.max_t * num_train) + 1, (b,), device=device)
             t = t.clamp(max=num_train - 1)
-            with torch.no_grad():
-                x_t = add_noise(x.detach(), torch.randn_like(x), alphas_cumprod[t])
-                with accelerator.autocast():
-                    # real score with CFG: one batched call, [uncond; cond]
-                    pred_real = real(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                     encoder_hidden_states=TextConditioning.cat([uncond.repeat(b), cond])
-                                     ).sample.float()
-                    pred_fake = fake_plain(x_t, t, encoder_hidden_states=cond).sample.float()
-                pred_uncond, pred_cond = pred_real.chunk(2)
-                pred_real = pred_uncond + cfg.guidance_scale * (pred_cond - pred_uncond)
-                x0_real = predict_x0(pred_real, x_t, alphas_cumprod[t], prediction_type)
-                x0_fake = predict_x0(pred_fake, x_t, alphas_cumprod[t], prediction_type)
+            x_t = add_noise(x.detach(), torch.randn_like(x), alphas_cumprod[t])
+            x0_real, x0_fake = score_x0(real, fake_plain, x_t, t, cond,
+                                        TextConditioning.cat([uncond.repeat(b), cond]),
+                                        guidance_scale=cfg.guidance_scale, alpha_bar=alphas_cumprod[t],
+                                        prediction_type=prediction_type, autocast=accelerator.autocast)
             loss_dm, dm_grad = distribution_matching_loss(x, x0_real, x0_fake)
             loss = loss_dm
             if use_gan:
