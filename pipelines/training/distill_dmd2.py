@@ -64,8 +64,8 @@ from pipelines.evaluation import EMBEDDED_EVALUATOR
 from pipelines.images import make_grid
 from pipelines.text_encoder import PromptEncoder
 from pipelines.text_to_image import PortraitDiffusionPipeline
-from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, check_fields, config_to_dict,
-                                     parse_config, restore_rng_state, seed_everything)
+from pipelines.training.runs import (RunFolder, RunningMeans, StopFlag, capture_rng_state, check_fields,
+                                     config_to_dict, parse_config, restore_rng_state, seed_everything)
 
 __all__ = ["DMD2Config", "GANHead", "WorldData", "load_world_data", "training_device", "lcm_timesteps",
            "student_scheduler", "add_noise", "predict_x0", "distribution_matching_loss", "bottleneck_features",
@@ -582,14 +582,8 @@ def train(cfg: DMD2Config) -> Path:
 
         # 6. The loop.
         run.set_status("running", step=step, total=cfg.steps)
-        # running sums between log rows, kept on the device so the loop never waits for the GPU
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-
-        def accumulate(**values: torch.Tensor) -> None:
-            for key, value in values.items():
-                sums[key] = sums[key] + value.detach().float() if key in sums else value.detach().float()
-                counts[key] = counts.get(key, 0) + 1
+        meter = RunningMeans()                 # means between log rows
+        accumulate = meter.add
 
         b = cfg.batch
         use_gan = cfg.gan_weight > 0 or cfg.gan_d_weight > 0
@@ -667,7 +661,7 @@ def train(cfg: DMD2Config) -> Path:
             if step % cfg.log_every == 0 or last:
                 elapsed = time.time() - t_log
                 train_seconds += elapsed
-                row = {key: float(sums[key]) / counts[key] for key in sums}
+                row = {k: float(v) for k, v in meter.pop().items()}
                 row.update(fake_updates_total=fake_updates_total, train_seconds=train_seconds,
                            images_per_s=(step - step_log) * b / max(elapsed, 1e-9))
                 run.log_metrics(step, **row)
@@ -676,7 +670,6 @@ def train(cfg: DMD2Config) -> Path:
                       + (f" gan_g {row['loss_gan_g']:.3f}" if "loss_gan_g" in row else "")
                       + (f" gan_d {row['loss_gan_d']:.3f}" if "loss_gan_d" in row else "")
                       + f" | {row['images_per_s']:.1f} img/s", flush=True)
-                sums, counts = {}, {}
                 t_log, step_log = time.time(), step
             if step % cfg.sample_every == 0 or (last and not stopper.stop):
                 save_sample_grid(student, sample_prompts, n_student, cfg.seed, run.sample_path(step))

@@ -61,8 +61,8 @@ from pipelines.hub_models import LORA_FILE, resolve_source
 from pipelines.training.distill_dmd2 import (GANHead, add_noise, backward_simulation, bottleneck_features,
                                              denoising_target, distribution_matching_loss, lcm_timesteps,
                                              score_x0)
-from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, check_fields, config_to_dict,
-                                     parse_config, restore_rng_state, seed_everything)
+from pipelines.training.runs import (RunFolder, RunningMeans, StopFlag, capture_rng_state, check_fields,
+                                     config_to_dict, parse_config, restore_rng_state, seed_everything)
 
 __all__ = ["HubDMD2Config", "TeacherInfo", "teacher_info", "read_prompts", "TextConditioning", "ConditionedUNet",
            "encode_prompts", "load_real_images", "lora_config", "save_lora", "train", "main"]
@@ -564,13 +564,8 @@ def train(cfg: HubDMD2Config) -> Path:
         # 5. The loop.
         if main:
             run.set_status("running", step=step, total=cfg.steps)
-        sums: dict[str, torch.Tensor] = {}     # running sums between log rows, on the device
-        counts: dict[str, int] = {}
-
-        def accumulate(**values: torch.Tensor) -> None:
-            for key, value in values.items():
-                sums[key] = sums[key] + value.detach().float() if key in sums else value.detach().float()
-                counts[key] = counts.get(key, 0) + 1
+        meter = RunningMeans()                 # means between log rows
+        accumulate = meter.add
 
         b = cfg.batch
         t_loop = t_log = time.time()
@@ -647,7 +642,7 @@ def train(cfg: HubDMD2Config) -> Path:
             if step % cfg.log_every == 0 or last:
                 elapsed = time.time() - t_log
                 train_seconds += elapsed
-                means = accelerator.reduce({k: sums[k] / counts[k] for k in sorted(sums)}, "mean")
+                means = accelerator.reduce(meter.pop(), "mean")
                 if main:
                     row = {k: float(v) for k, v in means.items()}
                     row.update(fake_updates_total=fake_updates_total, train_seconds=train_seconds,
@@ -658,7 +653,6 @@ def train(cfg: HubDMD2Config) -> Path:
                           + (f" gan_g {row['loss_gan_g']:.3f}" if "loss_gan_g" in row else "")
                           + (f" gan_d {row['loss_gan_d']:.3f}" if "loss_gan_d" in row else "")
                           + f" | {row['images_per_s']:.2f} img/s", flush=True)
-                sums, counts = {}, {}
                 t_log, step_log = time.time(), step
             if step % cfg.checkpoint_every == 0 or last:
                 checkpoint()

@@ -58,8 +58,8 @@ from pipelines.text_to_image import PortraitDiffusionPipeline
 from pipelines.training.distill_dmd2 import (add_noise, evaluate_into_cards, lcm_timesteps, load_world_data,
                                              predict_x0, save_sample_grid, save_student, student_scheduler,
                                              teacher_scheduler_config, training_device, validate_eval_fields)
-from pipelines.training.runs import (RunFolder, StopFlag, capture_rng_state, check_fields, config_to_dict,
-                                     parse_config, restore_rng_state, seed_everything)
+from pipelines.training.runs import (RunFolder, RunningMeans, StopFlag, capture_rng_state, check_fields,
+                                     config_to_dict, parse_config, restore_rng_state, seed_everything)
 
 __all__ = ["LCMConfig", "boundary_scalings", "consistency_function", "predict_epsilon", "ddim_step",
            "skipping_step_timesteps", "consistency_loss", "ema_update", "train", "main"]
@@ -334,13 +334,8 @@ def train(cfg: LCMConfig) -> Path:
 
         # 6. The loop.
         run.set_status("running", step=step, total=cfg.steps)
-        sums: dict[str, torch.Tensor] = {}     # running sums between log rows, kept on the device
-        counts: dict[str, int] = {}
-
-        def accumulate(**values: torch.Tensor) -> None:
-            for key, value in values.items():
-                sums[key] = sums[key] + value.detach().float() if key in sums else value.detach().float()
-                counts[key] = counts.get(key, 0) + 1
+        meter = RunningMeans()                 # means between log rows
+        accumulate = meter.add
 
         b = cfg.batch
         w_min, w_max = cfg.guidance_scale_min, cfg.guidance_scale_max
@@ -395,7 +390,7 @@ def train(cfg: LCMConfig) -> Path:
             if step % cfg.log_every == 0 or last:
                 elapsed = time.time() - t_log
                 train_seconds += elapsed
-                row = {key: float(sums[key]) / counts[key] for key in sums}
+                row = {k: float(v) for k, v in meter.pop().items()}
                 row.update(target_gap=float(relative_distance(target_unet, student_unet)),
                            student_drift=float(relative_distance(student_unet, teacher_unet)),
                            train_seconds=train_seconds, images_per_s=(step - step_log) * b / max(elapsed, 1e-9))
@@ -403,7 +398,6 @@ def train(cfg: LCMConfig) -> Path:
                 run.set_status("running", step=step, total=cfg.steps)
                 print(f"step {step}/{cfg.steps} loss {row['loss']:.5f} l2 {row['loss_l2']:.5f} "
                       f"target_gap {row['target_gap']:.2e} | {row['images_per_s']:.1f} img/s", flush=True)
-                sums, counts = {}, {}
                 t_log, step_log = time.time(), step
             if step % cfg.sample_every == 0 or (last and not stopper.stop):
                 save_sample_grid(student, sample_prompts, cfg.sample_steps, cfg.seed, run.sample_path(step))

@@ -114,6 +114,27 @@ def check_fields(config: Any, *, positive_ints: typing.Iterable[str] = (), nonne
                 raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
+class RunningMeans:
+    """Means of a training loop's logged values between two log rows, summed on the device so that
+    the loop never waits for the GPU; ``add`` each step, ``pop`` at a log row."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, **values: torch.Tensor) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """The means (tensors, keys sorted: the same order on every process), then start afresh."""
+        means = {k: self._sums[k] / self._counts[k] for k in sorted(self._sums)}
+        self._sums, self._counts = {}, {}
+        return means
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
