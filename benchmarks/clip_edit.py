@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 
 from benchmarks.common import parser, write
@@ -140,9 +139,8 @@ def main() -> None:
         directions.check(G, clip)
 
     # 2. Zero-shot accuracy on held-out attribute combinations.
-    size = open_clip.get_model_preprocess_cfg(clip.model).get("size", 64)
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    images, labels = bank_images(args.zero_shot_images, max(size, 64), ZERO_SHOT_SEED, "heldout", args.cache_dir)
+    # At the generator's resolution: the portraits the tab edits (the CLIP resizes them to its input).
+    images, labels = bank_images(args.zero_shot_images, G.img_resolution, ZERO_SHOT_SEED, "heldout", args.cache_dir)
     t0 = time.perf_counter()
     figures.update(zero_shot_accuracy(clip.model, clip.tokenizer, images, labels))
     figures["zero_shot_images"] = len(images)

@@ -1,13 +1,16 @@
 """CLIP models for the studio: the embedded PortraitCLIP and hub models, all through open_clip.
 
-The embedded CLIP is a small open_clip model whose config (``PortraitCLIP-ViT-T-64``, a ViT-T on
-64-px images) is registered with open_clip when this module is imported, trained on the portrait
+The embedded CLIP is a small open_clip model whose config (``PortraitCLIP-RN-128``: a CLIP
+ModifiedResNet taking the 64-px portraits upsampled to 128 px, and a 3-layer text transformer,
+sized to train on a 2-core CPU; ``PortraitCLIP-RN-64`` is its first training leg's 64-px input,
+``PortraitCLIP-ViT-T-64`` a ViT-T alternative for a GPU) is registered with open_clip when
+this module is imported, trained on the portrait
 world by :mod:`pipelines.training.train_clip` and shipped in ``assets/clip/`` as
 ``open_clip_model.safetensors`` + ``open_clip_config.json`` + a card. It loads with the same call
 as a hub model::
 
     model, _, preprocess = open_clip.create_model_and_transforms(
-        "PortraitCLIP-ViT-T-64", pretrained="assets/clip/open_clip_model.safetensors")
+        "PortraitCLIP-RN-128", pretrained="assets/clip/open_clip_model.safetensors")
 
 :func:`load_clip` wraps that call for the embedded folder, hub names with a pretrained tag
 (``load_clip("ViT-B-32", pretrained="laion2b_s34b_b79k")``, which fails fast with a clear message
@@ -36,6 +39,7 @@ from pipelines.device import default_dtype
 
 __all__ = [
     "EMBEDDED_NAME",
+    "GPU_NAME",
     "EMBEDDED_CLIP",
     "CONFIG_DIR",
     "WEIGHTS_FILE",
@@ -57,7 +61,8 @@ __all__ = [
     "zero_shot_accuracy",
 ]
 
-EMBEDDED_NAME = "PortraitCLIP-ViT-T-64"
+EMBEDDED_NAME = "PortraitCLIP-RN-128"    # the architecture of assets/clip (trained on the CPU)
+GPU_NAME = "PortraitCLIP-ViT-T-64"        # a larger ViT config for a GPU run
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 EMBEDDED_CLIP = Path(__file__).resolve().parent.parent / "assets" / "clip"
 WEIGHTS_FILE = "open_clip_model.safetensors"   # the name open_clip looks for in a model folder
@@ -102,7 +107,7 @@ def load_clip(name_or_path: str | os.PathLike[str] = "embedded", *,
     """Load a CLIP model through open_clip.
 
     ``name_or_path`` is one of:
-      - ``"embedded"`` (or ``"PortraitCLIP-ViT-T-64"`` without ``pretrained``): the studio's
+      - ``"embedded"`` (or ``"PortraitCLIP-RN-128"`` without ``pretrained``): the studio's
         PortraitCLIP in ``assets/clip/``;
       - a model folder (``open_clip_config.json`` + ``open_clip_model.safetensors``, as
         :func:`save_clip` and the training script write), or a weights file inside one;

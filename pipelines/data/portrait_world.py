@@ -52,7 +52,6 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 
 STROKE_GROUPS = ("outline", "eyes", "hair", "details")  # drawing order of the progressive sketch
 
-# Attribute pairs never drawn for the "train" split: generalisation is measured on them.
 # Attribute pairs never drawn for the "train" split: generalisation is measured on them. Each pair
 # joins attributes drawn in different places of the portrait and no binary attribute, so that no
 # value of one is ever implied by the other in training (that would invite shortcut learning).

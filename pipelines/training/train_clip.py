@@ -33,6 +33,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from pipelines.cards import write_card
 from pipelines.clip_models import (EMBEDDED_NAME, PROMPT_TEMPLATES, WEIGHTS_FILE, load_clip, prepare_images,
@@ -51,6 +52,8 @@ class ClipTrainConfig:
     """Training configuration of the embedded CLIP."""
     out_dir: str = "runs/clip"
     model: str = EMBEDDED_NAME      # a registered open_clip config (pipelines/clip_configs/)
+    render_size: int = 0            # size of the rendered training images (0: the model's input size);
+                                    # smaller renders are upsampled to the input size, as in the studio
     train_images: int = 60000       # rendered training images (train split)
     val_images: int = 4000          # rendered held-out images (held-out attribute combinations)
     world_captions: int = 4         # captions per image in the world's own varied phrasings
@@ -67,6 +70,8 @@ class ClipTrainConfig:
     weight_decay: float = 0.1       # on weight matrices only
     grad_clip: float = 1.0          # max global gradient norm (0: off)
     augment: bool = True            # small shifts/zoom, flips, blur, noise; never a colour change
+    augment_zoom: float = 0.06      # zoom range (+-); 0: no resampling, shifts by whole pixels only
+    augment_blur: float = 1.0       # largest Gaussian blur sigma in pixels, on half the images (0: none)
     bf16: bool = True               # bf16 autocast on CUDA (the CPU always runs fp32)
     checkpoint_every: int = 500
     log_every: int = 50
@@ -95,6 +100,10 @@ class ClipTrainConfig:
             raise ValueError(f"train_images ({self.train_images}) must be at least batch ({self.batch})")
         if open_clip.get_model_config(self.model) is None:
             raise ValueError(f"unknown open_clip config {self.model!r}")
+        if not 0 <= self.augment_zoom < 0.5 or self.augment_blur < 0:
+            raise ValueError("augment_zoom must be in [0, 0.5) and augment_blur >= 0")
+        if self.render_size < 0 or 0 < self.render_size < 16:
+            raise ValueError(f"render_size must be 0 (the model's input size) or at least 16, got {self.render_size}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,32 +224,37 @@ def build_caption_pool(bank: ImageBank, config: ClipTrainConfig, cache: Path) ->
 # augmentation and loss
 # --------------------------------------------------------------------------------------------
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator, *, zoom: float = 0.06, blur: float = 1.0) -> torch.Tensor:
     """Label-preserving changes that keep colours (colours are labels): a per-image shift of up to
-    1/16 of the side and zoom of +-6 %, horizontal flips, Gaussian blur on half the images and a
-    little pixel noise. x: [B, 3, H, W] in [-1, 1]; all random numbers come from ``generator``,
-    which lives on x's device."""
+    1/16 of the side and zoom of +-``zoom``, horizontal flips, Gaussian blur (sigma up to ``blur``
+    px) on half the images and a little pixel noise. With ``zoom=0`` nothing is resampled: shifts
+    are whole pixels, so one-pixel lines stay sharp. x: [B, 3, H, W] in [-1, 1]; all random numbers
+    come from ``generator``, which lives on x's device."""
     b, dev = x.shape[0], x.device
     rand = lambda *shape: torch.rand(shape, generator=generator, device=dev)  # noqa: E731
     # 1. affine resampling: zoom, shift, flip (border padding repeats the background)
-    zoom = 1 + (rand(b) - 0.5) * 0.12
+    scale = 1 + (rand(b) - 0.5) * 2 * zoom
     flip = torch.where(rand(b) < 0.5, -1.0, 1.0)
     shift = (rand(b, 2) - 0.5) * (2 / 16) * 2          # in normalised [-1, 1] units
+    if zoom == 0:                                       # whole pixels: the sampling grid hits pixel centres
+        side = torch.tensor([x.shape[-1], x.shape[-2]], device=dev, dtype=shift.dtype)
+        shift = torch.round(shift * side / 2) * 2 / side
     theta = torch.zeros(b, 2, 3, device=dev)
-    theta[:, 0, 0] = flip / zoom
-    theta[:, 1, 1] = 1 / zoom
+    theta[:, 0, 0] = flip / scale
+    theta[:, 1, 1] = 1 / scale
     theta[:, :, 2] = shift
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    # 2. separable Gaussian blur (sigma up to 1 px) on half of the batch
-    sigma = (rand(b) * 1.0).clamp_min(1e-3) * (rand(b) < 0.5)
-    k = torch.arange(-2, 3, device=dev, dtype=x.dtype)
-    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
-    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)      # [B*3, 5]
-    xb = x.reshape(1, b * 3, *x.shape[-2:])
-    xb = F.conv2d(F.pad(xb, (2, 2, 0, 0), mode="replicate"), kern[:, None, None, :], groups=b * 3)
-    xb = F.conv2d(F.pad(xb, (0, 0, 2, 2), mode="replicate"), kern[:, None, :, None], groups=b * 3)
-    x = xb.reshape_as(x)
+    # 2. separable Gaussian blur (sigma up to `blur` px) on half of the batch
+    if blur > 0:
+        sigma = (rand(b) * blur).clamp_min(1e-3) * (rand(b) < 0.5)
+        k = torch.arange(-2, 3, device=dev, dtype=x.dtype)
+        kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
+        kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)      # [B*3, 5]
+        xb = x.reshape(1, b * 3, *x.shape[-2:])
+        xb = F.conv2d(F.pad(xb, (2, 2, 0, 0), mode="replicate"), kern[:, None, None, :], groups=b * 3)
+        xb = F.conv2d(F.pad(xb, (0, 0, 2, 2), mode="replicate"), kern[:, None, :, None], groups=b * 3)
+        x = xb.reshape_as(x)
     # 3. pixel noise
     noise = torch.randn(x.shape, generator=generator, device=dev) * rand(b, 1, 1, 1) * 0.04
     return (x + noise).clamp(-1, 1)
@@ -279,6 +293,37 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
 # training
 # --------------------------------------------------------------------------------------------
 
+def load_init_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load earlier weights (an exported .safetensors, or a run checkpoint .pt) into ``model``, which
+    may take a larger or smaller input than the model they came from: a ViT's position embedding
+    is resized by open_clip, a ModifiedResNet's attention-pool position grid here (bicubic, as
+    open_clip does for ViTs), so a model trained at 64 px can go on at 128 px."""
+    if path.suffix == ".pt":
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    else:
+        state = load_file(str(path))
+    open_clip.model.resize_pos_embed(state, model)
+    own = model.state_dict()
+    key = "visual.attnpool.positional_embedding"
+    if key in state and key in own and state[key].shape != own[key].shape:
+        old, new = state[key], own[key]
+        g_old, g_new = math.isqrt(old.shape[0] - 1), math.isqrt(new.shape[0] - 1)
+        grid = old[1:].float().reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+        state[key] = torch.cat([old[:1].float(), grid.permute(0, 2, 3, 1).reshape(g_new * g_new, -1)]).to(new.dtype)
+    model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})
+
+
+def vision_summary(vision_cfg: dict) -> str:
+    """One line on a vision tower config: a ViT's depth, width and patch, or a ModifiedResNet's stages."""
+    size = vision_cfg["image_size"]
+    if isinstance(vision_cfg["layers"], (list, tuple)):
+        return (f"ModifiedResNet (blocks {list(vision_cfg['layers'])}, width {vision_cfg['width']}, "
+                f"attention pooling, {size} px input)")
+    return (f"ViT ({vision_cfg['layers']} layers, width {vision_cfg['width']}, "
+            f"patch {vision_cfg.get('patch_size', 16)}, {size} px input)")
+
+
 def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
     """Run (or resume) a training run; returns the folder of the exported model."""
     # 1. config and run folder
@@ -289,13 +334,13 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
     device = select_device(config.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    resolution = open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
+    render_size = config.render_size or open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
 
     # 2. data, prepared before CUDA starts (the caption workers fork)
     t0 = time.time()
-    train_bank = render_bank(config.train_images, size=resolution, seed=config.seed, split="train",
+    train_bank = render_bank(config.train_images, size=render_size, seed=config.seed, split="train",
                              workers=config.workers, cache=run.path / "train_bank.npz")
-    val_bank = render_bank(config.val_images, size=resolution, seed=config.seed + 10_000_000,
+    val_bank = render_bank(config.val_images, size=render_size, seed=config.seed + 10_000_000,
                            split="heldout", workers=config.workers, cache=run.path / "val_bank.npz")
     t1 = time.time()
     pool = build_caption_pool(train_bank, config, run.path / "captions.npz")
@@ -325,10 +370,7 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
     if config.init_from and not resuming:
         init = Path(config.init_from)
         init = init / WEIGHTS_FILE if init.is_dir() else init
-        if init.suffix == ".pt":   # a run checkpoint: its model state dict
-            model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True)["model"])
-        else:
-            open_clip.load_checkpoint(model, str(init), weights_only=True)
+        load_init_weights(model, init)
         print(f"initialised from {init}", flush=True)
     if resuming:
         ckpt = run.load_checkpoint()
@@ -372,7 +414,7 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
         k = torch.randint(0, pool.tokens.shape[1], (config.batch,), generator=gen, device=device)
         x = images[idx].float().div_(127.5).sub_(1.0)                   # [B, 3, H, W] in [-1, 1]
         if config.augment:
-            x = augment(x, gen)
+            x = augment(x, gen, zoom=config.augment_zoom, blur=config.augment_blur)
         text, named = pool.tokens[idx, k], pool.mentions[idx, k]       # [B, context], [B, A]
         if config.hard_negatives:  # one counterfactual twin per image: [2B, context], [2B, A]
             j = torch.randint(0, pool.neg_tokens.shape[1], (config.batch,), generator=gen, device=device)
@@ -441,9 +483,8 @@ def train(config: ClipTrainConfig, progress: Progress | None = None) -> Path:
         save_clip(model, folder, model_name=config.model, fp16=True)
         write_card(folder, title="PortraitCLIP (embedded CLIP)",
                    task="image-text embedding for CLIP editing and zero-shot attribute reading",
-                   architecture=(f"open_clip {config.model}: ViT ({cfg['vision_cfg']['layers']} layers, width "
-                                 f"{cfg['vision_cfg']['width']}, patch {cfg['vision_cfg']['patch_size']}, "
-                                 f"{resolution} px) + text transformer ({cfg['text_cfg']['layers']} layers, width "
+                   architecture=(f"open_clip {config.model}: {vision_summary(cfg['vision_cfg'])}, on "
+                                 f"{render_size}-px renders + text transformer ({cfg['text_cfg']['layers']} layers, width "
                                  f"{cfg['text_cfg']['width']}, context {cfg['text_cfg']['context_length']}, "
                                  f"open_clip BPE), embed_dim {cfg['embed_dim']}, {n_params / 1e6:.2f}M parameters"),
                    source=f"training run {config.out_dir} ({step} steps, {trained_s:.0f}s)",

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipelines import clip_models
-from pipelines.clip_models import (CONFIG_DIR, CONFIG_FILE, EMBEDDED_CLIP, EMBEDDED_NAME, WEIGHTS_FILE,
+from pipelines.clip_models import (CONFIG_DIR, CONFIG_FILE, EMBEDDED_CLIP, EMBEDDED_NAME, GPU_NAME, WEIGHTS_FILE,
                                    attribute_prompts, image_features, load_clip, prepare_images, save_clip,
                                    text_features, tokenize, zero_shot_accuracy, zero_shot_classify)
 from pipelines.data.portrait_world import ATTRIBUTES, caption_attributes
@@ -56,15 +56,15 @@ def test_embedded_config_is_registered_with_open_clip():
     assert EMBEDDED_NAME in open_clip.list_models()
     cfg = open_clip.get_model_config(EMBEDDED_NAME)
     assert cfg == json.loads((CONFIG_DIR / f"{EMBEDDED_NAME}.json").read_text())
-    assert cfg["vision_cfg"]["image_size"] == 64 and cfg["text_cfg"]["vocab_size"] == 49408
+    assert cfg["vision_cfg"]["image_size"] == 128 and cfg["text_cfg"]["vocab_size"] == 49408
     tok = open_clip.get_tokenizer(EMBEDDED_NAME)
     assert isinstance(tok, open_clip.SimpleTokenizer) and tok.context_length == cfg["text_cfg"]["context_length"]
-    assert clip_models.register_configs() == [EMBEDDED_NAME]   # idempotent
+    assert clip_models.register_configs() == sorted([EMBEDDED_NAME, "PortraitCLIP-RN-64", GPU_NAME])  # idempotent
     assert open_clip.list_models().count(EMBEDDED_NAME) == 1
     model = open_clip.create_model(EMBEDDED_NAME)
-    assert 10e6 < sum(p.numel() for p in model.parameters()) < 40e6
+    assert 5e6 < sum(p.numel() for p in model.parameters()) < 40e6
     with torch.no_grad():
-        assert model.encode_image(torch.zeros(1, 3, 64, 64)).shape == (1, cfg["embed_dim"])
+        assert model.encode_image(torch.zeros(1, 3, 128, 128)).shape == (1, cfg["embed_dim"])
 
 
 def test_saved_model_loads_back_through_open_clip_identically(tiny_model, images, tmp_path):

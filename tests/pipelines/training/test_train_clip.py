@@ -8,13 +8,14 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from pipelines.clip_models import WEIGHTS_FILE, load_clip, prepare_images
 from pipelines.data.bank import render_bank
 from pipelines.data.portrait_world import ATTRIBUTES, PortraitAttributes, caption_attributes
 from pipelines.training.runs import RunFolder
 from pipelines.training.train_clip import (ClipTrainConfig, augment, build_caption_pool, contrastive_loss,
-                                           positives, prompt_caption, train)
+                                           load_init_weights, positives, prompt_caption, train, vision_summary)
 
 TINY = "PortraitCLIP-Test-TinyTrain"
 TINY_CFG = {
@@ -126,6 +127,25 @@ def test_augment_keeps_shape_range_and_is_seeded():
                                flat.mean((0, 2, 3)), atol=0.02, rtol=0)
 
 
+def _nearest_whole_pixel_shift(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The smallest max-difference between y and x rolled by whole pixels (or flipped and rolled),
+    away from the borders."""
+    return min((y - torch.roll(xf, (dy, dx), (-2, -1)))[:, 8:-8, 8:-8].abs().max().item()
+               for xf in (x, x.flip(-1)) for dy in range(-4, 5) for dx in range(-4, 5))
+
+
+def test_augment_without_zoom_or_blur_only_moves_whole_pixels():
+    """zoom=0, blur=0: each image is its source shifted (and maybe flipped) by whole pixels, plus the
+    small noise, so one-pixel lines stay sharp; the default zoom resamples, which this would catch."""
+    x = torch.rand(8, 3, 64, 64) * 2 - 1
+    sharp = augment(x, torch.Generator().manual_seed(0), zoom=0, blur=0)
+    assert all(_nearest_whole_pixel_shift(x[i], sharp[i]) < 0.2 for i in range(8))
+    soft = augment(x, torch.Generator().manual_seed(0))
+    assert max(_nearest_whole_pixel_shift(x[i], soft[i]) for i in range(8)) > 0.5
+    with pytest.raises(ValueError, match="augment_zoom"):
+        ClipTrainConfig(augment_zoom=0.6).validate()
+
+
 def test_killed_run_resumes_and_exports_a_loadable_model(tmp_path):
     class Killed(Exception):
         pass
@@ -165,3 +185,42 @@ def test_max_train_minutes_stops_the_run_early(tmp_path):
     train(_config(tmp_path, steps=10_000, max_train_minutes=1 / 60, checkpoint_every=10_000, log_every=10_000))
     status = RunFolder(tmp_path / "run").status()
     assert status["state"] == "finished" and 0 < status["step"] < 10_000
+
+
+@pytest.mark.parametrize("vision", [
+    {"layers": [1, 1, 1, 1], "width": 8},                                          # ModifiedResNet
+    {"layers": 1, "width": 32, "head_width": 16, "patch_size": 16},                 # ViT
+])
+def test_init_from_a_model_of_another_input_size(tmp_path, vision):
+    """Weights trained at 64 px continue at 128 px: every weight is kept, the position grid is
+    resized (its class row kept), and the model runs at the new size."""
+    text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    torch.manual_seed(0)
+    small = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 64, **vision}, text_cfg=text)
+    large = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 128, **vision}, text_cfg=text)
+    state = {k: v.contiguous() for k, v in small.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"model": state}, tmp_path / "ckpt.pt")
+    for path in (tmp_path / "w.safetensors", tmp_path / "ckpt.pt"):
+        load_init_weights(large, path)
+        got = large.state_dict()
+        resized = [k for k in state if got[k].shape != state[k].shape]
+        assert len(resized) == 1 and "positional_embedding" in resized[0]
+        key = resized[0]
+        assert got[key].shape[0] - 1 == 4 * (state[key].shape[0] - 1)          # a grid twice as wide
+        assert torch.equal(got[key][:1], state[key][:1])                       # the class position
+        assert all(torch.equal(got[k], state[k]) for k in state if k != key)
+        with torch.no_grad():
+            assert large.encode_image(torch.zeros(1, 3, 128, 128)).shape == (1, 16)
+    assert ("ModifiedResNet" if isinstance(vision["layers"], list) else "ViT") in vision_summary(
+        {"image_size": 128, **vision})
+
+
+def test_render_size_renders_smaller_images_than_the_model_input(tmp_path):
+    config = _config(tmp_path, steps=1, render_size=32, val_images=4)
+    train(config)
+    run = RunFolder(config.out_dir)
+    from pipelines.data.bank import ImageBank
+    assert ImageBank.load(run.path / "train_bank.npz").images.shape[-1] == 32
+    with pytest.raises(ValueError, match="render_size"):
+        _config(tmp_path, render_size=8).validate()
