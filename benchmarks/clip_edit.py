@@ -12,7 +12,8 @@
 - mapper_speedup = optimisation seconds / mapper seconds per edit, with mapper_success and the
   optimisation's success (pooled over single and double edits) and their gap;
 - warning rates: the share of edits that carry a warning, for texts the portrait world knows
-  ("blue hair") and for texts it cannot ground ("make it a car").
+  ("blue hair") and for texts it cannot ground ("make it a car"); ``failure_warning_rate_*``
+  counts only the warnings that the text was not carried out (not the side-effect warning).
 
 The headline edit_* figures are those of ``--headline`` (default: the optimisation); ``methods``
 holds every method's figures. On this project's 2-core CPU the defaults take about 20 minutes,
@@ -81,10 +82,12 @@ def seconds_per_edit(apply_timed, w_plus: torch.Tensor, count: int) -> float:
 
 def warning_rates(editor: CLIPEditor, w_plus: torch.Tensor, method: str, images: int, steps: int,
                   alpha: float, beta: float, strength: float) -> dict[str, float]:
-    """Share of edits carrying a warning, for grounded and for ungrounded texts."""
+    """Share of edits carrying a warning, for grounded and for ungrounded texts: any warning, and
+    those that say the text was not carried out (a low score, unknown words, no change), which
+    leaves out the side-effect warning ("the edit also changed ...")."""
     rates = {}
     for kind, texts in (("grounded", [edit_phrase(e) for e in SINGLE_EDITS[:4]]), ("ungrounded", UNGROUNDED)):
-        flags = []
+        flags, failed = [], []
         for i in range(images):
             session = editor.start(EditSession(w_plus=w_plus[i:i + 1].cpu(), generator="benchmark",
                                                source=f"held-out render {i}"))
@@ -92,7 +95,9 @@ def warning_rates(editor: CLIPEditor, w_plus: torch.Tensor, method: str, images:
                 out = editor.edit(session, text=text, method=method, steps=steps, alpha=alpha, beta=beta,
                                   strength=strength)
                 flags.append(bool(out.warnings))
+                failed.append(any(not w.startswith("the edit also changed") for w in out.warnings))
         rates[f"warning_rate_{kind}"] = float(np.mean(flags))
+        rates[f"failure_warning_rate_{kind}"] = float(np.mean(failed))
     return rates
 
 
