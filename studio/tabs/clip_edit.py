@@ -134,8 +134,9 @@ def format_output(out: CLIPEditOutput) -> str:
 
 
 def format_history(session: CLIPEditSession) -> str:
-    """The chain of edits, numbered from the source (0)."""
-    steps = [f"{i}. {s.label}" + (f" (CLIP score {s.clip_score:.3f})" if s.clip_score is not None else "")
+    """The chain of edits, numbered from the source (0); the numbers are escaped, or Markdown would
+    turn the lines after the first into a list of its own."""
+    steps = [f"{i}\\. {s.label}" + (f" (CLIP score {s.clip_score:.3f})" if s.clip_score is not None else "")
              for i, s in enumerate(session.history)]
     return "**Edits so far** (undo removes the last)  \n" + "  \n".join(steps)
 

@@ -7,6 +7,7 @@ pytestmark = pytest.mark.browser
 
 
 def _open_tab(page):
+    page.get_by_role("tab").first.wait_for(state="visible")  # the tab bar has rendered: count() does not wait
     tab = page.get_by_role("tab", name="CLIP edit")
     if tab.count() == 0:
         pytest.skip("the app shows no CLIP edit tab (it needs a CLIP, e.g. assets/clip, and a generator)")

@@ -76,12 +76,12 @@ def test_a_typed_edit_changes_the_portrait_chains_and_undoes(folders, tmp_path):
     assert list(before.getdata()) == list(after.getdata()) and "sample (seed 3)" in info
     out, info, history = apply_text_edit(editors, "tiny CLIP", session, text="blue hair", method="optimise", steps=8)
     assert list(out.image.getdata()) != list(after.getdata())          # the portrait changed
-    assert "CLIP score" in info and " s" in info and "1. optimise: blue hair" in history
+    assert "CLIP score" in info and " s" in info and "1\\. optimise: blue hair" in history
     out2, _, history2 = apply_text_edit(editors, "tiny CLIP", out.session, text="glasses", method="optimise", steps=4)
-    assert "2. optimise: glasses" in history2
+    assert "2\\. optimise: glasses" in history2
     session3, before3, after3, _, history3 = undo_edit(editors, "tiny CLIP", out2.session)
     assert len(session3.history) == 2 and list(after3.getdata()) == list(out.image.getdata())
-    assert "2. " not in history3
+    assert "2\\. " not in history3
     # bad input: a clear message, and the state is left as it was
     with pytest.raises(ValueError, match="type what"):
         apply_text_edit(editors, "tiny CLIP", session3, text="", method="optimise")
