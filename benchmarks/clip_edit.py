@@ -34,7 +34,7 @@ from benchmarks.common import parser, write
 from pipelines.clip_edit import (DOUBLE_EDITS, SINGLE_EDITS, GlobalDirections, clip_probe, edit_phrase, global_edit,
                                  load_mapper, mapper_edit, measure_edits, optimise_edit, probe_similarity,
                                  world_vocabulary)
-from pipelines.clip_edit_session import CLIPEditor
+from pipelines.clip_edit_session import SIDE_EFFECT_WARNING, CLIPEditor
 from pipelines.clip_models import load_clip, zero_shot_accuracy
 from pipelines.data.bank import render_bank
 from pipelines.evaluation import EMBEDDED_EVALUATOR, Evaluator
@@ -95,7 +95,7 @@ def warning_rates(editor: CLIPEditor, w_plus: torch.Tensor, method: str, images:
                 out = editor.edit(session, text=text, method=method, steps=steps, alpha=alpha, beta=beta,
                                   strength=strength)
                 flags.append(bool(out.warnings))
-                failed.append(any(not w.startswith("the edit also changed") for w in out.warnings))
+                failed.append(any(not w.startswith(SIDE_EFFECT_WARNING) for w in out.warnings))
         rates[f"warning_rate_{kind}"] = float(np.mean(flags))
         rates[f"failure_warning_rate_{kind}"] = float(np.mean(failed))
     return rates

@@ -33,7 +33,7 @@ from pipelines.data.portrait_world import ATTRIBUTES
 from pipelines.images import tensor_to_pil
 from pipelines.stylegan_inversion import _frozen
 
-__all__ = ["CLIPEditOutput", "CLIPEditSession", "CLIPEditor", "EditStep"]
+__all__ = ["CLIPEditOutput", "CLIPEditSession", "CLIPEditor", "EditStep", "SIDE_EFFECT_WARNING"]
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -80,6 +80,11 @@ class CLIPEditOutput:
     notes: list[str] = field(default_factory=list)      # information (truncation, channels changed)
     warnings: list[str] = field(default_factory=list)   # what the user must see (low score, ungrounded text)
     num_channels: int | None = None
+
+
+# How the warning about attributes the text did not ask for begins (the other warnings say the
+# text was not carried out).
+SIDE_EFFECT_WARNING = "the edit also changed what the text did not ask for"
 
 
 class CLIPEditor:
@@ -269,7 +274,7 @@ class CLIPEditor:
             also = [f"{name.replace('_', ' ')} ({was[name]} → {now[name]})" for name in ATTRIBUTES
                     if name not in asked and was[name] != now[name]]
             if also:
-                warnings.append(f"the edit also changed what the text did not ask for: {', '.join(also)}")
+                warnings.append(f"{SIDE_EFFECT_WARNING}: {', '.join(also)}")
 
         # 4. The new chain.
         step = EditStep(result.w_plus.detach().float().cpu()[:1],

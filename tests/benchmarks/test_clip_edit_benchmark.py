@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.clip_edit import UNGROUNDED, warning_rates
+from pipelines.clip_edit_session import SIDE_EFFECT_WARNING
 
 
 class _Editor:
@@ -16,8 +17,8 @@ class _Editor:
     def edit(self, session, *, text, **_):
         if text in UNGROUNDED:
             return SimpleNamespace(warnings=[f"low CLIP score for {text!r}",
-                                             "the edit also changed what the text did not ask for: eye color"])
-        return SimpleNamespace(warnings=["the edit also changed what the text did not ask for: eye color"])
+                                             f"{SIDE_EFFECT_WARNING}: eye color"])
+        return SimpleNamespace(warnings=[f"{SIDE_EFFECT_WARNING}: eye color"])
 
 
 def test_side_effect_warnings_count_as_warnings_but_not_as_failures():
