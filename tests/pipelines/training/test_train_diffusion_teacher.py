@@ -84,3 +84,25 @@ def test_lr_warms_up_then_decays_by_steps_or_time():
     assert lr_at(110, 0.0, cfg) == pytest.approx(1e-4)           # cosine to 10 %
     assert lr_at(20, 1.0, cfg) == pytest.approx(1e-4)            # the time budget is spent
     assert lr_at(60, 0.0, cfg) == pytest.approx(lr_at(20, 0.5, cfg))
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_the_pooled_prompt_reaches_the_unet_without_cross_attention(pooled):
+    """With every cross-attention's value projection zeroed, the prompt can only reach the output
+    through the attention-pooled text in the timestep embedding, when the config asks for it."""
+    from pipelines.training.train_diffusion_teacher import build_unet
+
+    cfg = TeacherConfig(block_out_channels=(16, 32), cross_attention_levels=(True, False), norm_num_groups=8,
+                        attention_head_dim=2, text_time_embedding=pooled)
+    torch.manual_seed(0)
+    unet = build_unet(cfg, latent_channels=8, latent_size=8).eval()
+    assert (unet.config.addition_embed_type == "text") is pooled
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2.to_v"):
+                module.weight.zero_()
+        x, t = torch.randn(1, 8, 8, 8), torch.tensor([500])
+        a = unet(x, t, encoder_hidden_states=torch.randn(1, 5, 384)).sample
+        b = unet(x, t, encoder_hidden_states=torch.randn(1, 5, 384)).sample
+    assert a.shape == (1, 8, 8, 8)
+    assert (a - b).abs().max().item() > 1e-3 if pooled else torch.allclose(a, b, atol=1e-6)
