@@ -12,6 +12,13 @@ undo its blending artefacts). For every cross-attention layer, with the image qu
 Self-attention layers are left alone. The method is training-free and costs one extra attention
 per cross-attention layer (no second UNet pass).
 
+A UNet that also reads the prompt through an attention pooling into its timestep embedding
+(diffusers' ``addition_embed_type="text"``, as the studio's teacher and students do) would carry the
+negated attribute past the cross-attention. There the same rule steers the pooling: its query (the
+prompt's mean token) attends to the prompt and to the negative prompt, and the pooled vector is
+``Z+ - scale * Z-`` before the embedding's projection (:class:`NegativeAwaySteerPooling`). This
+pooled path uses the negative prompt stored by :func:`nasa` / :func:`enable_nasa`.
+
 How the negative prompt reaches the layers: the processor keeps it in ``negative_embeds``
 ([B or 1, L-, D], set by :func:`nasa` or :func:`enable_nasa`); a call may instead pass it per call as
 ``cross_attention_kwargs={"negative_encoder_hidden_states": embeds}`` to the UNet, which wins over
@@ -33,9 +40,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NegativeAwaySteerAttnProcessor", "enable_nasa", "disable_nasa", "nasa", "is_nasa_enabled"]
+__all__ = ["NegativeAwaySteerAttnProcessor", "NegativeAwaySteerPooling", "enable_nasa", "disable_nasa", "nasa", "is_nasa_enabled"]
 
 _SAVED_ATTR = "_nasa_original_processors"   # where enable_nasa keeps the processors it replaced
+_SAVED_POOL = "_nasa_original_pool"         # ... and the text pooling it wrapped
 
 
 def _check_scale(scale: float) -> float:
@@ -123,6 +131,53 @@ class NegativeAwaySteerAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class NegativeAwaySteerPooling(torch.nn.Module):
+    """NASA for diffusers' ``AttentionPooling`` (the pooling of ``TextTimeEmbedding``).
+
+    Wraps the original pooling ``pool`` (its weights are used as they are) and returns
+    ``Attn(q, K+, V+) - scale * Attn(q, K-, V-)`` for the pooled token, where ``q`` is the pooling's
+    query from the prompt (its mean token plus the learnt position), ``K+ / V+`` the prompt with that
+    token, and ``K- / V-`` the negative prompt's tokens after the same ``norm`` as the prompt's.
+    """
+
+    def __init__(self, pool: torch.nn.Module, norm: torch.nn.Module, scale: float,
+                 negative_embeds: torch.Tensor | None) -> None:
+        super().__init__()
+        self.pool, self.norm = pool, norm
+        self.scale = _check_scale(scale)
+        self.negative_embeds = negative_embeds
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, L, D] -> [B, heads, L, d]
+        b, n, d = x.shape
+        return x.view(b, n, self.pool.num_heads, d // self.pool.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool, negative = self.pool, self.negative_embeds
+        if negative is None or self.scale == 0.0:
+            return pool(x)
+        b = x.shape[0]
+        if negative.shape[0] not in (1, b):
+            raise ValueError(f"negative prompt states have batch {negative.shape[0]}; expected 1 or {b}")
+        cls = x.mean(dim=1, keepdim=True) + pool.positional_embedding.to(x.dtype)       # [B, 1, D]
+        tokens = torch.cat([cls, x], dim=1)
+        negative = self.norm(negative.to(x.device, x.dtype)).expand(b, -1, -1)
+        q = self._heads(pool.q_proj(cls))
+        z_pos = F.scaled_dot_product_attention(q, self._heads(pool.k_proj(tokens)), self._heads(pool.v_proj(tokens)))
+        z_neg = F.scaled_dot_product_attention(q, self._heads(pool.k_proj(negative)),
+                                               self._heads(pool.v_proj(negative)))
+        z = z_pos - self.scale * z_neg                                                  # [B, heads, 1, d]
+        return z.transpose(1, 2).reshape(b, -1)                                         # [B, D]
+
+
+def _text_pooling(unet):
+    """The ``TextTimeEmbedding`` of ``unet`` (``addition_embed_type="text"``), or None."""
+    embedding = getattr(unet, "add_embedding", None)
+    if embedding is not None and hasattr(embedding, "pool") and hasattr(embedding, "norm1"):
+        return embedding
+    return None
+
+
 def _cross_attention_names(unet) -> list[str]:
     """Processor names of the cross-attention layers (``Attention.is_cross_attention``)."""
     names = []
@@ -147,14 +202,20 @@ def enable_nasa(unet, scale: float = 1.0, negative_embeds: torch.Tensor | None =
     cross = set(_cross_attention_names(unet))
     if not cross:
         raise ValueError(f"{type(unet).__name__} has no cross-attention layers for NASA")
+    pooling = _text_pooling(unet)
     if is_nasa_enabled(unet):
         for name in cross:
             originals[name].scale = scale
             originals[name].negative_embeds = negative_embeds
+        if pooling is not None:
+            pooling.pool.scale, pooling.pool.negative_embeds = scale, negative_embeds
         return
     processor = NegativeAwaySteerAttnProcessor(scale, negative_embeds)   # shared by all cross layers
     unet.set_attn_processor({name: processor if name in cross else proc for name, proc in originals.items()})
     setattr(unet, _SAVED_ATTR, originals)
+    if pooling is not None:
+        setattr(unet, _SAVED_POOL, pooling.pool)
+        pooling.pool = NegativeAwaySteerPooling(pooling.pool, pooling.norm1, scale, negative_embeds)
 
 
 def disable_nasa(unet) -> None:
@@ -164,6 +225,10 @@ def disable_nasa(unet) -> None:
         return
     unet.set_attn_processor(originals)
     delattr(unet, _SAVED_ATTR)
+    pool = getattr(unet, _SAVED_POOL, None)
+    if pool is not None:
+        _text_pooling(unet).pool = pool
+        delattr(unet, _SAVED_POOL)
 
 
 @contextmanager

@@ -176,3 +176,47 @@ def test_pipeline_negative_prompt_uses_nasa_at_guidance_0_and_cfg_above_1(portra
 def test_pipeline_refuses_bad_negative_options(portrait_pipeline, kw):
     with pytest.raises(ValueError):
         portrait_pipeline(prompt="x", num_inference_steps=1, guidance_scale=0.0, negative_prompt="y", **kw)
+
+
+def test_pooling_steer_is_the_pooled_prompt_minus_the_pooled_negative():
+    from diffusers.models.embeddings import TextTimeEmbedding
+
+    from pipelines.attention import NegativeAwaySteerPooling
+
+    torch.manual_seed(3)
+    emb = TextTimeEmbedding(16, 32, num_heads=4).eval()
+    x, neg = torch.randn(2, 5, 16), torch.randn(1, 3, 16)
+    xn = emb.norm1(x)
+    with torch.no_grad():
+        steer = NegativeAwaySteerPooling(emb.pool, emb.norm1, 0.7, neg)(xn)
+        # by hand: the pooling's query against the normalised negative tokens, per head
+        pool = emb.pool
+        q = pool.q_proj(xn.mean(1, keepdim=True) + pool.positional_embedding)            # [2, 1, 16]
+        nn_ = emb.norm1(neg).expand(2, -1, -1)
+        k, v = pool.k_proj(nn_), pool.v_proj(nn_)
+        heads = [torch.softmax(q[..., h * 4:(h + 1) * 4] @ k[..., h * 4:(h + 1) * 4].transpose(1, 2) / 2, -1)
+                 @ v[..., h * 4:(h + 1) * 4] for h in range(4)]
+        z_neg = torch.cat(heads, -1)[:, 0]                                              # [2, 16]
+        torch.testing.assert_close(steer + 0.7 * z_neg, pool(xn), rtol=1e-5, atol=1e-5)
+        assert torch.equal(NegativeAwaySteerPooling(emb.pool, emb.norm1, 0.0, neg)(xn), pool(xn))
+
+
+def test_nasa_steers_the_text_time_embedding_and_restores_it():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=8, addition_embed_type="text",
+        addition_embed_type_num_heads=2).eval()
+    with torch.no_grad():   # the prompt reaches the output only through the pooled path
+        for name, module in unet.named_modules():
+            if name.endswith("attn2.to_v"):
+                module.weight.zero_()
+        x, t, ctx, neg = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 8), torch.randn(1, 3, 8)
+        pool = unet.add_embedding.pool
+        plain = unet(x, t, encoder_hidden_states=ctx).sample
+        with nasa(unet, neg, scale=1.0):
+            steered = unet(x, t, encoder_hidden_states=ctx).sample
+        assert unet.add_embedding.pool is pool and not hasattr(unet, "_nasa_original_pool")
+        assert (steered - plain).abs().max() > 1e-4
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=ctx).sample, plain, rtol=0, atol=0)
