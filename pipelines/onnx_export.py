@@ -271,6 +271,12 @@ def _session(path: Path, providers: list[str]):
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())
     options.inter_op_num_threads = 1
+    # The pipeline runs three sessions in turn with PyTorch work (tokenizer, scheduler) between them.
+    # Spinning worker threads of an idle session would take the cores from the next one and from
+    # PyTorch; on a 2-core CPU that made the whole pipeline slower than eager PyTorch although each
+    # graph alone was faster. Idle workers sleep instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3                     # errors only: no per-node placement warnings
     return ort.InferenceSession(str(path), options, providers=providers)
 

@@ -55,7 +55,7 @@ from pipelines.training.train_autoencoder import load_bank
 from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config,
                                      restore_rng_state, seed_everything)
 
-__all__ = ["TeacherConfig", "build_unet", "build_schedulers", "train", "main"]
+__all__ = ["TeacherConfig", "build_unet", "load_init_unet", "build_schedulers", "train", "main"]
 
 FINISH_RESERVE_S = 15.0       # seconds of a max_minutes budget kept for the last samples and saving
 
@@ -70,6 +70,9 @@ class TeacherConfig:
     device: str = "auto"
     mixed_precision: str = "auto"             # "auto" (bf16 autocast on CUDA only), "bf16" (any device), "no"
     seed: int = 0
+    init_from: str = ""                       # start the UNet from a teacher pipeline folder (or its unet/
+                                              # folder) of the same channels; a text-time embedding it
+                                              # lacks starts at zero, so the start is that teacher
     # data
     image_size: int = 64
     num_images: int = 20000                   # training renders (the VAE run's bank is reused)
@@ -233,6 +236,34 @@ class EMA:
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
+def load_init_unet(unet, folder: str | os.PathLike[str]) -> list[str]:
+    """Copy the UNet weights of a teacher (``folder`` or ``folder/unet``) into ``unet``; returns the
+    names of ``unet``'s parameters it lacked. Only a text-time embedding may be missing: it is set
+    to output zero (its last LayerNorm's weight and bias), so ``unet`` starts as that teacher."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    if (folder / "unet" / "config.json").is_file():
+        folder = folder / "unet"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"init_from {folder} is neither a teacher pipeline folder nor a UNet folder")
+    state = {k: v.float() for k, v in UNet2DConditionModel.from_pretrained(folder).state_dict().items()}
+    own = unet.state_dict()
+    shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if shapes or unexpected or any(not k.startswith("add_embedding.") for k in missing):
+        raise ValueError(f"init_from {folder} does not fit this config: "
+                         f"{len(shapes)} shape mismatch(es) {shapes[:3]}, {len(unexpected)} unexpected "
+                         f"{unexpected[:3]}, missing {[k for k in missing if not k.startswith('add_embedding.')][:3]}")
+    unet.load_state_dict(state, strict=False)
+    if missing:
+        with torch.no_grad():
+            unet.add_embedding.norm2.weight.zero_()
+            unet.add_embedding.norm2.bias.zero_()
+    return missing
+
+
 def train(cfg: TeacherConfig) -> Path:
     """Run (or resume) training; returns the folder of the saved pipeline."""
     from diffusers import AutoencoderKL
@@ -276,7 +307,12 @@ def train(cfg: TeacherConfig) -> Path:
           f"{text_states.shape[0]} distinct captions in {time.perf_counter() - t0:.1f}s", flush=True)
 
     # 3. Networks, schedules, optimiser.
-    unet = build_unet(cfg, latent_channels, latent_size).to(device)
+    unet = build_unet(cfg, latent_channels, latent_size)
+    if cfg.init_from and not resumed:
+        fresh = load_init_unet(unet, cfg.init_from)
+        print(f"UNet initialised from {cfg.init_from}" + (f" ({len(fresh)} new text-time tensors at zero)"
+                                                          if fresh else ""), flush=True)
+    unet = unet.to(device)
     ema = EMA(unet, cfg.ema_decay)
     train_sched, infer_sched = build_schedulers(cfg)
     alphas_cumprod = train_sched.alphas_cumprod.to(device, torch.float32)       # [T]

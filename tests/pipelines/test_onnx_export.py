@@ -121,6 +121,14 @@ def test_dynamic_batch_one_and_three(onnx_pipe):
     assert (three.images[0] - one.images[0]).abs().max() <= 1e-4
 
 
+def test_sessions_do_not_spin_between_runs(onnx_pipe):
+    # three sessions and PyTorch take turns on the same cores: idle workers must sleep, not spin
+    for session in (onnx_pipe.text_encoder, onnx_pipe.unet, onnx_pipe.vae_decoder):
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
+
 def test_int8_runs_and_stays_close(onnx_dir, onnx_pipe):
     int8 = OnnxPortraitPipeline.from_pretrained(onnx_dir, providers=["CPUExecutionProvider"], int8=True)
     args = dict(prompt=PROMPTS, num_inference_steps=2, guidance_scale=4.0, output_type="pt")

@@ -106,3 +106,24 @@ def test_the_pooled_prompt_reaches_the_unet_without_cross_attention(pooled):
         b = unet(x, t, encoder_hidden_states=torch.randn(1, 5, 384)).sample
     assert a.shape == (1, 8, 8, 8)
     assert (a - b).abs().max().item() > 1e-3 if pooled else torch.allclose(a, b, atol=1e-6)
+
+
+def test_init_from_a_teacher_without_the_pooled_path_starts_as_that_teacher(tmp_path):
+    from pipelines.training.train_diffusion_teacher import build_unet, load_init_unet
+
+    tiny = dict(block_out_channels=(16, 32), cross_attention_levels=(True, False), norm_num_groups=8,
+                attention_head_dim=2)
+    torch.manual_seed(0)
+    old = build_unet(TeacherConfig(**tiny, text_time_embedding=False), 4, 8).eval()
+    old.save_pretrained(tmp_path / "teacher" / "unet")
+    new = build_unet(TeacherConfig(**tiny), 4, 8).eval()
+    missing = load_init_unet(new, tmp_path / "teacher")            # a pipeline folder: its unet/ is read
+    assert missing and all(k.startswith("add_embedding.") for k in missing)
+    x, t, h = torch.randn(2, 4, 8, 8), torch.tensor([900, 10]), torch.randn(2, 5, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x, t, h).sample, old(x, t, h).sample, rtol=1e-6, atol=1e-6)
+    other = build_unet(TeacherConfig(**{**tiny, "block_out_channels": (8, 16)}), 4, 8)
+    with pytest.raises(ValueError, match="does not fit this config"):
+        load_init_unet(other, tmp_path / "teacher")
+    with pytest.raises(FileNotFoundError, match="neither a teacher pipeline folder nor a UNet folder"):
+        load_init_unet(new, tmp_path)
