@@ -417,20 +417,38 @@ def _step_params(scheduler) -> set[str]:
 
 
 def copy_pipeline(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
-                  dtype: torch.dtype = torch.float16) -> Path:
+                  dtype: torch.dtype = torch.float16, vae: str | os.PathLike[str] | None = None) -> Path:
     """Copy a :class:`PortraitDiffusionPipeline` folder with its weights stored in ``dtype`` (the
-    embedded assets are fp16), and its cards (the pipeline's and the autoencoder's)."""
+    embedded assets are fp16), and its cards (the pipeline's and the autoencoder's).
+
+    ``vae`` swaps in another ``AutoencoderKL`` folder with the same encoder (a decoder fine-tune,
+    ``train_autoencoder --decoder_from``): the UNet's latents stay the same. A VAE whose encoder or
+    latent scale differs is refused."""
     import shutil
+
+    from diffusers import AutoencoderKL
 
     src, dst = Path(src), Path(dst)
     pipe = PortraitDiffusionPipeline.from_pretrained(src, device="cpu", dtype=torch.float32)
+    if vae is not None:
+        vae, old = Path(vae), pipe.vae
+        new = AutoencoderKL.from_pretrained(vae).float().eval()
+        a, b = old.state_dict(), new.state_dict()
+        encoder_keys = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+        same = a.keys() == b.keys() and all(
+            a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-3) for k in encoder_keys)
+        factors = lambda m: (m.config.scaling_factor, m.config.shift_factor)  # noqa: E731
+        if not same or factors(old) != factors(new):
+            raise ValueError(f"{vae} has another encoder or latent scale than {src}'s autoencoder; only a "
+                             "decoder fine-tune of the same encoder (train_autoencoder --decoder_from) fits")
+        pipe.vae = new
     if dst.exists():
         shutil.rmtree(dst)
     pipe.save_pretrained(dst, dtype=dtype)
-    for sub in ("", "vae"):
+    for sub, origin in (("", src), ("vae", Path(vae) if vae is not None else src / "vae")):
         for name in ("card.json", "README.md"):
-            if (src / sub / name).exists():
-                shutil.copy(src / sub / name, dst / sub / name)
+            if (origin / name).exists():
+                shutil.copy(origin / name, dst / sub / name)
     return dst
 
 
@@ -442,11 +460,16 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("src", help="PortraitDiffusionPipeline folder")
     p.add_argument("dst", help="folder to write (replaced if it exists)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--vae", default=None, help="swap in this AutoencoderKL folder: a decoder fine-tune of the "
+                                               "same encoder (train_autoencoder --decoder_from)")
     args = p.parse_args(argv)
     if not (Path(args.src) / PortraitDiffusionPipeline.model_index_name).is_file():
         p.exit(2, f"{p.prog}: {args.src} is not a PortraitDiffusionPipeline folder "
                   f"(no {PortraitDiffusionPipeline.model_index_name})\n")
-    out = copy_pipeline(args.src, args.dst, dtype=getattr(torch, args.dtype))
+    try:
+        out = copy_pipeline(args.src, args.dst, dtype=getattr(torch, args.dtype), vae=args.vae)
+    except (ValueError, OSError) as exc:
+        p.exit(2, f"{p.prog}: {exc}\n")
     print(f"wrote {out}")
     return out
 

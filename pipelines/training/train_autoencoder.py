@@ -49,6 +49,9 @@ class AutoencoderConfig:
     device: str = "auto"                  # "auto", "cuda", "cpu", ...
     mixed_precision: str = "auto"         # "auto" (bf16 autocast on CUDA only), "bf16" (any device), "no"
     seed: int = 0
+    decoder_from: str = ""                # fine-tune only the decoder of this VAE folder (same network
+                                          # config): its encoder, latents, scale and shift stay, so a
+                                          # teacher trained on its latents keeps working
     # data
     image_size: int = 64                  # pixels; latents are image_size / 2**(levels - 1)
     num_images: int = 20000               # training renders held in memory
@@ -95,6 +98,28 @@ def build_autoencoder(cfg: AutoencoderConfig):
         norm_num_groups=cfg.norm_num_groups,
         sample_size=cfg.image_size,
     )
+
+
+def load_frozen_encoder(vae, folder: str | Path) -> tuple[float, float]:
+    """Load the VAE in ``folder`` into ``vae`` (same config), freeze its encoder side (``encoder``,
+    ``quant_conv``) so only the decoder trains; returns the source's (scaling_factor, shift_factor)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"decoder_from {folder} is not an AutoencoderKL folder (no config.json)")
+    source = AutoencoderKL.from_pretrained(folder)
+    state = {k: v.float() for k, v in source.state_dict().items()}
+    own = vae.state_dict()
+    if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
+        raise ValueError(f"decoder_from {folder} does not match this config (block_out_channels "
+                         f"{list(source.config.block_out_channels)}, latent_channels "
+                         f"{source.config.latent_channels}); pass the same network options")
+    vae.load_state_dict(state)
+    for module in (vae.encoder, vae.quant_conv):
+        if module is not None:
+            module.requires_grad_(False)
+    return float(source.config.scaling_factor), float(source.config.shift_factor or 0.0)
 
 
 def sobel_edges(x: torch.Tensor) -> torch.Tensor:
@@ -217,8 +242,13 @@ def train(cfg: AutoencoderConfig) -> Path:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     # 2. Network and optimiser.
-    vae = build_autoencoder(cfg).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    vae = build_autoencoder(cfg)
+    source_factors = None
+    if cfg.decoder_from:
+        source_factors = load_frozen_encoder(vae, cfg.decoder_from)
+    vae = vae.to(device)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     n_params = sum(p.numel() for p in vae.parameters())
     print(f"AutoencoderKL {n_params / 1e6:.2f}M parameters on {device} (bf16 autocast: {use_bf16})", flush=True)
 
@@ -273,7 +303,7 @@ def train(cfg: AutoencoderConfig) -> Path:
         loss = l1 + cfg.edge_weight * edge + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         opt.step()
         step += 1
         seen += cfg.batch_size
@@ -301,7 +331,10 @@ def train(cfg: AutoencoderConfig) -> Path:
     if not run.latest_checkpoint() or not run.latest_checkpoint().name.endswith(f"{step:07d}.pt"):
         checkpoint()
     save_samples()
-    shift, std = latent_statistics(vae, train_bank, device, cfg.stats_images)
+    if source_factors is None:
+        shift, std = latent_statistics(vae, train_bank, device, cfg.stats_images)
+    else:   # the encoder is the source's: keep its factors exactly (its teachers were trained with them)
+        shift, std = source_factors[1], 1.0 / source_factors[0]
     vae.register_to_config(scaling_factor=1.0 / std, shift_factor=shift)
     val_psnr = evaluate(vae, val_bank, device, autocast)
     run.log_metrics(step, val_psnr=val_psnr, latent_mean=shift, latent_std=std)

@@ -64,6 +64,33 @@ def test_copy_stores_fp16_weights_that_load_back_to_nearly_the_same_images(minil
     assert "not a PortraitDiffusionPipeline folder" in capsys.readouterr().err
 
 
+def test_copy_swaps_in_a_decoder_fine_tune_and_refuses_another_encoder(minilm, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    from pipelines.text_to_image import main as copy_main
+
+    pipe = tiny_pipeline(*minilm)
+    src = pipe.save_pretrained(tmp_path / "src")
+    tuned = AutoencoderKL.from_pretrained(src / "vae")
+    with torch.no_grad():
+        tuned.decoder.conv_out.bias.add_(0.5)                  # a "fine-tuned" decoder, same encoder
+    tuned.save_pretrained(tmp_path / "tuned")
+    (tmp_path / "tuned" / "card.json").write_text('{"title": "decoder fine-tune"}')
+    dst = copy_main([str(src), str(tmp_path / "dst"), "--dtype", "float32", "--vae", str(tmp_path / "tuned")])
+    loaded = PortraitDiffusionPipeline.from_pretrained(dst, device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(loaded.vae.decoder.conv_out.bias, tuned.decoder.conv_out.bias)
+    assert json.loads((dst / "vae" / "card.json").read_text())["title"] == "decoder fine-tune"
+
+    other = AutoencoderKL.from_pretrained(src / "vae")
+    with torch.no_grad():
+        other.encoder.conv_in.weight.mul_(2.0)                 # another encoder: other latents
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit):
+        copy_main([str(src), str(dst), "--vae", str(tmp_path / "other")])
+    assert "only a decoder fine-tune of the same encoder" in capsys.readouterr().err
+    assert (dst / "model_index.json").is_file()                # the refused copy left dst as it was
+
+
 def test_guidance_and_negative_prompt_change_the_output(minilm):
     pipe = tiny_pipeline(*minilm)
     common = dict(prompt="blue hair", num_inference_steps=2, output_type="latent")

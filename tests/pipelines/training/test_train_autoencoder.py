@@ -48,3 +48,21 @@ def test_tiny_run_saves_a_loadable_vae_and_resumes(tmp_path):
     assert train_steps == [2, 3, 4, 5]
     status = json.loads((tmp_path / "vae_run" / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 5
+
+
+@pytest.mark.slow
+def test_decoder_only_fine_tune_keeps_the_encoder_and_its_factors(tmp_path):
+    from diffusers import AutoencoderKL
+
+    cache = ["--bank_cache", str(tmp_path / "cache")]
+    source = main(TINY + cache + ["--out_dir", str(tmp_path / "a"), "--total_steps", "3"])
+    tuned = main(TINY + cache + ["--out_dir", str(tmp_path / "b"), "--total_steps", "3", "--lr", "1e-2",
+                                 "--decoder_from", str(source)])
+    a, b = AutoencoderKL.from_pretrained(source), AutoencoderKL.from_pretrained(tuned)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("decoder."))
+    assert (b.config.scaling_factor, b.config.shift_factor) == (a.config.scaling_factor, a.config.shift_factor)
+    with pytest.raises(ValueError, match="does not match this config"):
+        main(TINY[:6] + ["--block_out_channels", "8,16"] + TINY[8:] + cache
+             + ["--out_dir", str(tmp_path / "c"), "--total_steps", "1", "--decoder_from", str(source)])
