@@ -346,7 +346,8 @@ def train(cfg: AutoencoderConfig) -> Path:
                task="image <-> latent autoencoding for the text-to-image teacher",
                architecture=f"diffusers AutoencoderKL, channels {tuple(cfg.block_out_channels)}, "
                             f"{cfg.image_size} px -> {latent}x{latent}x{cfg.latent_channels} latents",
-               source=f"training run {run.path}",
+               source=f"training run {run.path}" + (f"; only the decoder trained, the encoder (and so the "
+                                                    f"latents) is {cfg.decoder_from}'s" if cfg.decoder_from else ""),
                command="python -m pipelines.training.train_autoencoder " + " ".join(sys.argv[1:]),
                config=config_to_dict(cfg),
                figures={"val_psnr_db": round(val_psnr, 3), "steps": step, "scaling_factor": 1.0 / std,
