@@ -22,7 +22,8 @@ the share of the attributes a prompt names that the evaluator reads in its image
   the prompt asks for it and the negative prompt names it (NASA, ``negative_mode="nasa"``), divided
   by that share without the negative prompt (the denominator floored at one image, so that the
   ratio stays finite); negative_other_adherence_drop: adherence to the prompt's other attributes
-  without the negative prompt minus with it;
+  without the negative prompt minus with it; at the pipeline's NASA strength (``--nasa_scale``,
+  ``negative_nasa_scale``), and ``negative_suppression_s{scale}`` for each of ``--nasa_sweep``;
 - student_latency_ms: one prompt, one image, end to end.
 
 Timings: a warm-up call first, then the median of ``--repeats`` calls; ``--threads`` torch threads
@@ -43,7 +44,7 @@ import torch
 from benchmarks.common import parser, write
 from pipelines.data.portrait_world import ATTRIBUTES, PortraitWorld, caption_attributes
 from pipelines.evaluation import EMBEDDED_EVALUATOR, Evaluator, frechet_distance, prompt_adherence
-from pipelines.text_to_image import PortraitDiffusionPipeline
+from pipelines.text_to_image import DEFAULT_NASA_SCALE, PortraitDiffusionPipeline
 from pipelines.text_to_image_eval import (TIMING_BATCH, adherence, generate, heldout_captions, naming_caption,
                                          prompt_set, real_images, speed_figures, time_call)
 
@@ -131,26 +132,36 @@ def onnx_figures(student_folder: str | Path, prompts: Sequence[str], *, repeats:
 
 
 def negative_figures(student, evaluator: Evaluator, *, name: str, value: str, negative_prompt: str, n: int,
-                     images_per_prompt: int, seed: int = 0) -> dict[str, float]:
+                     images_per_prompt: int, seed: int = 0, nasa_scale: float = DEFAULT_NASA_SCALE,
+                     sweep: Sequence[float] = ()) -> dict[str, float]:
     """The student on prompts asking for ``name`` = ``value``, without and with ``negative_prompt`` (NASA)."""
     prompts = attribute_prompts(n, name, value)
     common = dict(steps=1, guidance=1.0, images_per_prompt=images_per_prompt, seed=seed)
     plain = evaluator.predict_attributes(generate(student, prompts, **common))
-    negated = evaluator.predict_attributes(generate(student, prompts, **common, negative_prompt=negative_prompt,
-                                                    negative_mode="nasa"))
     share_plain = float(np.mean([p[name] == value for p in plain]))
-    share_neg = float(np.mean([p[name] == value for p in negated]))
     others = [{k: v for k, v in caption_attributes(p).items() if k != name} for p in prompts
               for _ in range(images_per_prompt)]
     asked = [o for o in others if o]
-    if asked:
-        keep = [i for i, o in enumerate(others) if o]
-        drop = prompt_adherence([plain[i] for i in keep], asked) - prompt_adherence([negated[i] for i in keep], asked)
-    else:
-        drop = 0.0
-    return {"negative_suppression": share_neg / max(share_plain, 1 / len(plain)),
-            "negative_share_without": share_plain, "negative_share_with": share_neg,
-            "negative_other_adherence_drop": drop}
+    keep = [i for i, o in enumerate(others) if o]
+
+    def steered(scale: float) -> tuple[float, float, float]:
+        """(suppression, share with the negative prompt, other-attribute adherence drop) at ``scale``."""
+        negated = evaluator.predict_attributes(generate(student, prompts, **common, negative_prompt=negative_prompt,
+                                                        negative_mode="nasa", nasa_scale=scale))
+        share_neg = float(np.mean([p[name] == value for p in negated]))
+        drop = (prompt_adherence([plain[i] for i in keep], asked)
+                - prompt_adherence([negated[i] for i in keep], asked)) if asked else 0.0
+        return share_neg / max(share_plain, 1 / len(plain)), share_neg, drop
+
+    suppression, share_neg, drop = steered(nasa_scale)
+    figures = {"negative_suppression": suppression, "negative_share_without": share_plain,
+               "negative_share_with": share_neg, "negative_other_adherence_drop": drop,
+               "negative_nasa_scale": nasa_scale}
+    for scale in sweep:
+        if scale != nasa_scale:
+            figures[f"negative_suppression_s{scale:g}"], _, figures[f"negative_other_adherence_drop_s{scale:g}"] = \
+                steered(scale)
+    return figures
 
 
 # -- the figures --------------------------------------------------------------------------------
@@ -158,6 +169,7 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
                 fd_images: int = 256, teacher_steps: Sequence[int] = (10, 25, 50),
                 teacher_guidance: Sequence[float] = (4.0,), tolerance: float = 0.0, repeats: int = 5,
                 negative_attribute: str = "glasses=yes", negative_prompt: str | None = None,
+                nasa_scale: float = DEFAULT_NASA_SCALE, nasa_sweep: Sequence[float] = (1.0, 3.0),
                 student_folder: str | Path | None = None, skip_onnx: bool = False,
                 text_encoder_path: str | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Every figure of the module docstring for loaded pipelines (``student_folder`` for the ONNX export)."""
@@ -213,7 +225,8 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
 
     # negative prompt (NASA)
     figures.update(negative_figures(student, evaluator, name=name, value=value, negative_prompt=phrase,
-                                    n=prompts, images_per_prompt=images_per_prompt))
+                                    n=prompts, images_per_prompt=images_per_prompt, nasa_scale=nasa_scale,
+                                    sweep=nasa_sweep))
     figures["negative_attribute"] = negative_attribute
     figures["negative_prompt"] = phrase
     return figures
@@ -242,6 +255,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="the teacher's setting: the fewest steps within this of its best adherence")
     p.add_argument("--negative_attribute", default="glasses=yes")
     p.add_argument("--negative_prompt", default=None, help="default: a phrase naming --negative_attribute")
+    p.add_argument("--nasa_scale", type=float, default=DEFAULT_NASA_SCALE,
+                   help="NASA strength of the headline negative_suppression (default: the pipeline's)")
+    p.add_argument("--nasa_sweep", type=_floats, default=[1.0, 3.0],
+                   help="further NASA strengths reported as negative_suppression_s{scale} (comma list; '' = none)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up; medians reported")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--skip_onnx", action="store_true")
@@ -264,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           fd_images=args.fd_images, teacher_steps=args.teacher_steps,
                           teacher_guidance=args.teacher_guidance, tolerance=args.tolerance, repeats=args.repeats,
                           negative_attribute=args.negative_attribute, negative_prompt=args.negative_prompt,
-                          student_folder=student_path, skip_onnx=args.skip_onnx,
+                          nasa_scale=args.nasa_scale, nasa_sweep=args.nasa_sweep, student_folder=student_path, skip_onnx=args.skip_onnx,
                           text_encoder_path=args.text_encoder_path, device=args.device)
     figures["threads"] = args.threads
     write(figures, args.json, "benchmarks.text_to_image", card=student_path if args.card else None)

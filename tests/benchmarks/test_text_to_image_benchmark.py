@@ -85,8 +85,13 @@ def test_figures_for_with_two_images_per_prompt_and_a_guidance_sweep(folders):
     figures = bench.figures_for(load("teacher"), load("student"), Evaluator.from_pretrained(folders / "evaluator"),
                                 prompts=2, images_per_prompt=2, fd_images=3, teacher_steps=(2, 1),
                                 teacher_guidance=(1.0, 3.0), tolerance=1.0, repeats=1, skip_onnx=True,
-                                negative_attribute="accessory=hat")
-    assert (figures["teacher_steps"], figures["teacher_guidance"]) == (1, 1.0)    # everything ties at tolerance 1
+                                negative_attribute="accessory=hat", nasa_scale=1.5, nasa_sweep=(0.0, 1.5))
+    assert (figures["teacher_steps"], figures["teacher_guidance"]) == (1, 1.0)
+    # the headline at the asked NASA strength, the sweep's other strengths beside it; strength 0 is no steering
+    assert figures["negative_nasa_scale"] == 1.5 and "negative_suppression_s1.5" not in figures
+    assert figures["negative_other_adherence_drop_s0"] == 0.0
+    assert figures["negative_suppression_s0"] == pytest.approx(
+        1.0 if figures["negative_share_without"] > 0 else 0.0)    # everything ties at tolerance 1
     assert {"teacher_adherence_s2_g3", "teacher_adherence_s1_g1"} <= set(figures)
     assert "onnx_speedup" not in figures and figures["negative_prompt"] == "hat"
     for key in set(KEYS) - {"onnx_speedup", "onnx_max_abs_diff"}:
