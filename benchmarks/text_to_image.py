@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           fd_images=args.fd_images, teacher_steps=args.teacher_steps,
                           teacher_guidance=args.teacher_guidance, tolerance=args.tolerance, repeats=args.repeats,
                           negative_attribute=args.negative_attribute, negative_prompt=args.negative_prompt,
-                          nasa_scale=args.nasa_scale, nasa_sweep=args.nasa_sweep, student_folder=student_path, skip_onnx=args.skip_onnx,
+                          nasa_scale=args.nasa_scale, nasa_sweep=args.nasa_sweep, student_folder=student_path,
+                          skip_onnx=args.skip_onnx,
                           text_encoder_path=args.text_encoder_path, device=args.device)
     figures["threads"] = args.threads
     write(figures, args.json, "benchmarks.text_to_image", card=student_path if args.card else None)

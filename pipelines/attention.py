@@ -40,7 +40,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NegativeAwaySteerAttnProcessor", "NegativeAwaySteerPooling", "enable_nasa", "disable_nasa", "nasa", "is_nasa_enabled"]
+__all__ = ["NegativeAwaySteerAttnProcessor", "NegativeAwaySteerPooling", "enable_nasa", "disable_nasa", "nasa",
+           "is_nasa_enabled"]
 
 _SAVED_ATTR = "_nasa_original_processors"   # where enable_nasa keeps the processors it replaced
 _SAVED_POOL = "_nasa_original_pool"         # ... and the text pooling it wrapped
@@ -159,15 +160,12 @@ class NegativeAwaySteerPooling(torch.nn.Module):
         b = x.shape[0]
         if negative.shape[0] not in (1, b):
             raise ValueError(f"negative prompt states have batch {negative.shape[0]}; expected 1 or {b}")
+        # the pooling's own query (as diffusers' AttentionPooling builds it) against the negative tokens
         cls = x.mean(dim=1, keepdim=True) + pool.positional_embedding.to(x.dtype)       # [B, 1, D]
-        tokens = torch.cat([cls, x], dim=1)
         negative = self.norm(negative.to(x.device, x.dtype)).expand(b, -1, -1)
-        q = self._heads(pool.q_proj(cls))
-        z_pos = F.scaled_dot_product_attention(q, self._heads(pool.k_proj(tokens)), self._heads(pool.v_proj(tokens)))
-        z_neg = F.scaled_dot_product_attention(q, self._heads(pool.k_proj(negative)),
-                                               self._heads(pool.v_proj(negative)))
-        z = z_pos - self.scale * z_neg                                                  # [B, heads, 1, d]
-        return z.transpose(1, 2).reshape(b, -1)                                         # [B, D]
+        z_neg = F.scaled_dot_product_attention(self._heads(pool.q_proj(cls)), self._heads(pool.k_proj(negative)),
+                                               self._heads(pool.v_proj(negative)))      # [B, heads, 1, d]
+        return pool(x) - self.scale * z_neg.transpose(1, 2).reshape(b, -1)             # [B, D]
 
 
 def _text_pooling(unet):
