@@ -252,10 +252,10 @@ def load_init_unet(unet, folder: str | os.PathLike[str]) -> list[str]:
     shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    if shapes or unexpected or any(not k.startswith("add_embedding.") for k in missing):
-        raise ValueError(f"init_from {folder} does not fit this config: "
-                         f"{len(shapes)} shape mismatch(es) {shapes[:3]}, {len(unexpected)} unexpected "
-                         f"{unexpected[:3]}, missing {[k for k in missing if not k.startswith('add_embedding.')][:3]}")
+    foreign = [k for k in missing if not k.startswith("add_embedding.")]   # missing beyond the text-time path
+    if shapes or unexpected or foreign:
+        raise ValueError(f"init_from {folder} does not fit this config: {len(shapes)} shape mismatch(es) "
+                         f"{shapes[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, missing {foreign[:3]}")
     unet.load_state_dict(state, strict=False)
     if missing:
         with torch.no_grad():
@@ -423,7 +423,7 @@ def train(cfg: TeacherConfig) -> Path:
         if (Path(cfg.vae_path) / name).exists():
             shutil.copy(Path(cfg.vae_path) / name, out / "vae" / name)
     loop_s = time.perf_counter() - t_loop
-    pooled = " and their attention-pooled sum in the timestep embedding" if cfg.text_time_embedding else ""
+    pooled = " and, attention-pooled, in the timestep embedding" if cfg.text_time_embedding else ""
     write_card(out, title="Portrait-world text-to-image teacher (latent diffusion)",
                task="text-to-image, 64 px portraits of the portrait world",
                architecture=(f"diffusers UNet2DConditionModel {n_params / 1e6:.1f}M "
