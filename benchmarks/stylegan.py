@@ -11,15 +11,21 @@
   optimisation inversion), W+ optimisation, the e4e encoder and PTI; reconstruction error in
   pixels (MSE in [-1, 1]) and in evaluator features; encoder_speedup and encoder_recon_ratio
   against the W projector (and, as *_vs_wplus, against W+ optimisation), pti_gain against W+;
-- edit_success / edit_preservation of InterFaceGAN edits on held-out inverted portraits;
+- edit_success / edit_preservation on held-out inverted portraits: of guided edits (the
+  generator's latent classifier, :mod:`pipelines.stylegan_guided_edit`) when it has one, and
+  always of InterFaceGAN edits as *_interfacegan;
 - selffilter_precision / selffilter_recall of generative self-filtering at 10 % outliers, with
   the raw generator (trained on the bank with its outliers);
-- multimodal_coverage_gain: attribute values covered at psi 0.6 by multi-modal over global
-  truncation, with both FD-worlds.
+- multimodal_coverage_gain: attribute modes covered at psi 0.6 by multi-modal over global
+  truncation, with both FD-worlds. A mode is a pair of attribute values (blue hair with glasses)
+  read together in at least --min_share of the samples; single values are reported too
+  (values_covered_*: present above --min_share; values_kept_*: keeping at least half of their
+  untruncated share).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -35,6 +41,7 @@ from pipelines.data.portrait_world import ATTRIBUTES
 from pipelines.evaluation import EMBEDDED_EVALUATOR, Evaluator
 from pipelines.stylegan_editing import (MultiModalTruncation, _robust_z, edit_across_boundary, global_truncate,
                                         load_directions, sample_w, self_filter_scores)
+from pipelines.stylegan_guided_edit import LatentAttributeClassifier, guided_edit
 from pipelines.stylegan_inversion import (EvaluatorPerceptualLoss, invert, load_encoder, pivotal_tuning,
                                           reconstruction_error, synthesize)
 from pipelines.stylegan_io import load_generator
@@ -143,34 +150,63 @@ def inversion_figures(G, encoder, evaluator, targets, steps: int, pti_steps: int
     return figures, {"optimise-w+": opt_wp.w_plus.detach(), "encoder": w_enc.detach()}
 
 
-@torch.no_grad()
-def edit_figures(G, evaluator, directions, w_plus: torch.Tensor, distance: float) -> dict:
-    before = readings(evaluator, synthesize(G, w_plus))
-    success, preserved, per_target = [], [], {}
-    for key in EDIT_TARGETS:
-        if key not in directions:
-            continue
+def edit_figures(G, evaluator, edit, w_plus: torch.Tensor, targets=EDIT_TARGETS) -> dict:
+    """Success and preservation of ``edit(w_plus, 'attribute=value') -> edited w_plus`` on every
+    latent whose image does not show the value yet (as the evaluator reads the images)."""
+    with torch.no_grad():
+        before = readings(evaluator, synthesize(G, w_plus))
+    success, preserved, per_target, seconds = [], [], {}, 0.0
+    for key in targets:
         attr, value = key.split("=")
         todo = [i for i, r in enumerate(before) if r[attr] != value]
         if not todo:
             continue
-        w = edit_across_boundary(w_plus[todo], directions[key], distance=distance, only_forward=False)
-        after = readings(evaluator, synthesize(G, w))
+        t = time.perf_counter()
+        w = edit(w_plus[todo], key)
+        seconds += time.perf_counter() - t
+        with torch.no_grad():
+            after = readings(evaluator, synthesize(G, w))
         s = [a[attr] == value for a in after]
         p = [np.mean([a[o] == before[i][o] for o in ATTRIBUTES if o != attr]) for i, a in zip(todo, after)]
         success += s
         preserved += p
         per_target[key] = {"n": len(todo), "success": float(np.mean(s)), "preservation": float(np.mean(p))}
     return {"edit_success": float(np.mean(success)), "edit_preservation": float(np.mean(preserved)),
-            "edit_distance": distance, "edits": int(len(success)), "edit_per_target": per_target}
+            "edits": int(len(success)), "edit_ms_per_image": 1000 * seconds / max(len(success), 1),
+            "edit_per_target": per_target}
 
 
 def coverage(readings_list: list[dict[str, str]], min_share: float) -> int:
+    """Attribute values read in at least ``min_share`` of the images."""
     counts: dict[tuple[str, str], int] = {}
     for r in readings_list:
         for k, v in r.items():
             counts[(k, v)] = counts.get((k, v), 0) + 1
     return sum(1 for c in counts.values() if c >= min_share * len(readings_list))
+
+
+def pair_coverage(readings_list: list[dict[str, str]], min_share: float) -> int:
+    """Attribute-pair modes (a value of one attribute with a value of another, e.g. blue hair with
+    glasses) read together in at least ``min_share`` of the images."""
+    counts: dict[tuple, int] = {}
+    for r in readings_list:
+        for a, b in itertools.combinations(sorted(r), 2):
+            counts[(a, r[a], b, r[b])] = counts.get((a, r[a], b, r[b]), 0) + 1
+    return sum(1 for c in counts.values() if c >= min_share * len(readings_list))
+
+
+def kept_share(readings_list: list[dict[str, str]], reference: list[dict[str, str]], min_share: float,
+               keep: float = 0.5) -> int:
+    """Attribute values (of those with ``min_share`` in ``reference``) whose share is at least
+    ``keep`` of their share in ``reference``: what truncation keeps of the untruncated mix."""
+    def shares(rs):
+        c: dict[tuple[str, str], int] = {}
+        for r in rs:
+            for k, v in r.items():
+                c[(k, v)] = c.get((k, v), 0) + 1
+        return {k: n / len(rs) for k, n in c.items()}
+    ref, got = shares(reference), shares(readings_list)
+    return sum(1 for k, s in ref.items() if s >= min_share and got.get(k, 0.0) >= keep * s)
 
 
 def main() -> None:
@@ -183,7 +219,10 @@ def main() -> None:
     p.add_argument("--pti_steps", type=int, default=350, help="PTI steps (Roich et al.: 350 at lr 3e-4)")
     p.add_argument("--edit_images", type=int, default=64)
     p.add_argument("--edit_inversion", default="encoder", choices=["encoder", "optimise-w+"])
-    p.add_argument("--edit_distance", type=float, default=2.0)
+    p.add_argument("--edit_distance", type=float, default=2.0, help="InterFaceGAN: boundary distance after the edit")
+    p.add_argument("--edit_method", default="guided", choices=["guided", "interfacegan"],
+                   help="edit_success/edit_preservation of guided edits (with the generator's latent classifier) "
+                        "or of InterFaceGAN; the InterFaceGAN figures are always reported as *_interfacegan")
     p.add_argument("--filter_images", type=int, default=1000)
     p.add_argument("--filter_steps", type=int, default=10)
     p.add_argument("--psi", type=float, default=0.6)
@@ -223,11 +262,22 @@ def main() -> None:
     figures["truncation_psi"] = args.psi
     figures["fd_world_global_truncation"] = frechet_distance(evaluator.features(glob), feats_a)
     figures["fd_world_multimodal_truncation"] = frechet_distance(evaluator.features(multi), feats_a)
-    cov_g, cov_m = coverage(readings(evaluator, glob), args.min_share), coverage(readings(evaluator, multi), args.min_share)
+    read_g, read_m, read_f = readings(evaluator, glob), readings(evaluator, multi), readings(evaluator, fake)
+    real_readings = readings(evaluator, real_a)
+    # Modes: attribute-pair modes read in >= min_share of the samples (single values alone saturate:
+    # at psi 0.6 both truncations keep every value above 0.5 %, so they are reported beside it).
+    cov_g, cov_m = pair_coverage(read_g, args.min_share), pair_coverage(read_m, args.min_share)
     figures["modes_covered_global"], figures["modes_covered_multimodal"] = cov_g, cov_m
-    figures["modes_covered_untruncated"] = coverage(readings(evaluator, fake), args.min_share)
-    figures["modes_total"] = sum(len(v) for v in ATTRIBUTES.values())
+    figures["modes_covered_untruncated"] = pair_coverage(read_f, args.min_share)
+    figures["modes_covered_real"] = pair_coverage(real_readings, args.min_share)
+    figures["modes_kind"] = f"attribute-value pairs read in >= {args.min_share:.1%} of {n} samples"
     figures["multimodal_coverage_gain"] = cov_m / max(cov_g, 1)
+    figures["values_covered_global"] = coverage(read_g, args.min_share)
+    figures["values_covered_multimodal"] = coverage(read_m, args.min_share)
+    figures["values_total"] = sum(len(v) for v in ATTRIBUTES.values())
+    figures["values_kept_global"] = kept_share(read_g, read_f, args.min_share)
+    figures["values_kept_multimodal"] = kept_share(read_m, read_f, args.min_share)
+    figures["values_kept_gain"] = figures["values_kept_multimodal"] / max(figures["values_kept_global"], 1)
     figures["multimodal_k"] = modes.k
 
     # Inversion of held-out renders.
@@ -244,7 +294,19 @@ def main() -> None:
         w_edit = invert(G, edit_targets, method="w+", steps=args.steps, evaluator=evaluator,
                         generator=torch.Generator().manual_seed(0)).w_plus
     figures["edit_inversion"] = args.edit_inversion
-    figures.update(edit_figures(G, evaluator, directions, w_edit, args.edit_distance))
+    linear = edit_figures(G, evaluator, lambda w, key: edit_across_boundary(
+        w, directions[key], distance=args.edit_distance, only_forward=False).detach(), w_edit,
+        [k for k in EDIT_TARGETS if k in directions])
+    figures.update({f"{k}_interfacegan": v for k, v in linear.items()})
+    figures["edit_distance_interfacegan"] = args.edit_distance
+    if (folder / "latent_classifier").is_dir() and args.edit_method == "guided":
+        classifier = LatentAttributeClassifier.from_pretrained(folder / "latent_classifier", device=device)
+        guided = edit_figures(G, evaluator, lambda w, key: guided_edit(classifier, w, key).w_plus, w_edit)
+        figures["edit_method"] = "guided (latent classifier)"
+        figures.update(guided)
+    else:
+        figures["edit_method"] = f"InterFaceGAN, boundary distance {args.edit_distance}"
+        figures.update(linear)
 
     # Self-filtering with the raw generator on (a part of) the bank it trained on.
     raw_folder = Path(args.raw_generator)

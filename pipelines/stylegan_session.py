@@ -10,6 +10,8 @@ A generator folder may carry what editing needs beside its weights (written by
 
 - ``directions/``: InterFaceGAN directions fitted from evaluator-labelled samples;
 - ``modes/``: the perceptual cluster centres of multi-modal truncation;
+- ``latent_classifier/``: the W+ attribute classifier that guided edits follow
+  (:mod:`pipelines.stylegan_guided_edit`);
 - ``encoder/`` (or ``encoder`` in ``edits.json`` naming a folder): an e4e encoder into its W+.
 
 Without them the editor still samples, inverts by optimisation and edits with SeFa.
@@ -34,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from models.stylegan2 import Generator
 from pipelines.stylegan_editing import (Direction, MultiModalTruncation, apply_edit, global_truncate,
                                         load_directions, paste_back, sefa_directions, sefa_labels)
+from pipelines.stylegan_guided_edit import LatentAttributeClassifier, guided_edit, parse_target
 from pipelines.stylegan_inversion import INVERSION_METHODS, InversionPipeline, load_encoder, synthesize
 
 __all__ = [
@@ -155,7 +158,8 @@ class StyleGANEditor:
     def __init__(self, G: Generator, *, name: str = "generator", folder: str | os.PathLike[str] | None = None,
                  evaluator: Any = None, encoder: torch.nn.Module | None = None,
                  directions: Mapping[str, Direction] | None = None,
-                 modes: MultiModalTruncation | None = None) -> None:
+                 modes: MultiModalTruncation | None = None,
+                 latent_classifier: LatentAttributeClassifier | None = None) -> None:
         self.G = G.eval().requires_grad_(False)
         self.name = name
         self.folder = Path(folder) if folder is not None else None
@@ -172,6 +176,12 @@ class StyleGANEditor:
         if modes is None and (path := _find_asset(self.folder, "modes")) is not None:
             modes = MultiModalTruncation.load(path)
         self.modes = modes
+        if latent_classifier is None and (path := _find_asset(self.folder, "latent_classifier")) is not None:
+            latent_classifier = LatentAttributeClassifier.from_pretrained(path, device=self.device)
+        if latent_classifier is not None and (latent_classifier.num_ws, latent_classifier.w_dim) != (G.num_ws, G.w_dim):
+            latent_classifier = None  # trained for another generator
+        self.latent_classifier = latent_classifier
+        self._guided_cache: dict[tuple, torch.Tensor] = {}
         self._sefa: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._tuned_cache: tuple[int, Generator] | None = None
 
@@ -196,6 +206,14 @@ class StyleGANEditor:
     def named_edits(self) -> dict[str, str]:
         """Slider label -> direction key, for the directions this generator has."""
         return {label: key for label, key in NAMED_EDITS.items() if key in self.directions}
+
+    def guided_choices(self) -> list[tuple[str, str]]:
+        """``(label, 'attribute=value')`` for every value a guided edit can aim at (none without a
+        latent classifier)."""
+        if self.latent_classifier is None:
+            return []
+        return [(f"{attr.replace('_', ' ')}: {value}", f"{attr}={value}")
+                for attr, values in self.latent_classifier.attributes.items() for value in values]
 
     def colour_values(self, attribute: str) -> list[str]:
         return [key.split("=", 1)[1] for key in self.directions if key.split("=", 1)[0] == attribute]
@@ -269,9 +287,12 @@ class StyleGANEditor:
     def edit_latent(self, session: EditSession, *, edits: Mapping[str, float] | None = None,
                     colour_edits: Mapping[str, tuple[str, float]] | None = None,
                     sefa: Sequence[float] = (), sefa_layers: tuple[int, int] | None = None,
-                    psi: float = 1.0, truncation: str = "global") -> torch.Tensor:
+                    psi: float = 1.0, truncation: str = "global", guided: Sequence[str] = ()) -> torch.Tensor:
         """The edited latent ``[1, num_ws, w_dim]``.
 
+        ``guided``: ``'attribute=value'`` targets (one value per attribute) reached first, by the
+        latent classifier's guided edit (after truncation, before the slider edits); the result is
+        cached per source latent, so moving a slider does not redo it.
         ``edits``: direction key (or :data:`NAMED_EDITS` label) -> strength in standard deviations;
         ``colour_edits``: attribute -> (target value, strength); ``sefa``: strengths of the first
         SeFa directions of ``sefa_layers`` (first, last), applied to those ws; ``psi`` with
@@ -293,6 +314,9 @@ class StyleGANEditor:
                 w = self.modes.truncate(w, float(psi))
             else:
                 w = global_truncate(w, self.G.mapping.w_avg.float(), float(psi))
+        targets = tuple(sorted(str(t) for t in guided if t))
+        if targets:
+            w = self._guided(session, w, targets, (float(psi), truncation))
         for key, strength in (edits or {}).items():
             key = NAMED_EDITS.get(key, key)
             if float(strength) == 0.0:
@@ -316,6 +340,22 @@ class StyleGANEditor:
                     step = vectors[i].to(w) * float(strength) * self._w_spread()
                     w = apply_edit(w, step, 1.0, layers=range(int(first), int(last) + 1))
         return w.cpu()
+
+    def _guided(self, session: EditSession, w: torch.Tensor, targets: tuple[str, ...], truncation: tuple) -> torch.Tensor:
+        if self.latent_classifier is None:
+            raise ValueError(f"{self.name} has no latent classifier for guided edits; fit one with "
+                             "`python -m pipelines.training.fit_stylegan_edits --parts latent_classifier`")
+        for t in targets:
+            parse_target(t, self.latent_classifier.attributes)
+        attrs = [t.split("=", 1)[0] for t in targets]
+        if len(set(attrs)) != len(attrs):
+            raise ValueError(f"choose one value per attribute for guided edits, got {', '.join(targets)}")
+        key = (id(session.w_plus), session.w_plus.data_ptr(), truncation, targets)
+        if key not in self._guided_cache:
+            if len(self._guided_cache) >= 16:
+                self._guided_cache.pop(next(iter(self._guided_cache)))
+            self._guided_cache[key] = guided_edit(self.latent_classifier, w, list(targets)).w_plus.to(w)
+        return self._guided_cache[key].clone()
 
     def _w_spread(self) -> float:
         if not hasattr(self, "_spread"):

@@ -164,6 +164,11 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
                 pasted = gr.Image(label="Edited face pasted back into the photo", type="pil", format="png",
                                   visible=False, interactive=False)
                 info = gr.Markdown("Sample a portrait or upload one to start.", elem_id="sg_info")
+                with gr.Accordion("Guided edits (latent classifier)", open=True, visible=False) as guided_box:
+                    guided = gr.Dropdown([], value=[], multiselect=True, elem_id="sg_guided",
+                                         label="Make the portrait show (one value per attribute)",
+                                         info="Each edit takes its own path in W+, holding the other attributes "
+                                              "where they are; the sliders below then act on the result.")
                 with gr.Accordion("Attribute directions (InterFaceGAN)", open=True):
                     named = {}
                     labels = list(NAMED_EDITS)
@@ -196,7 +201,8 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
                         exported = gr.File(label="Download", file_count="multiple", interactive=False)
 
         edit_inputs = [session, generator, *named.values(), *[colour_value[a] for a in colour_attrs],
-                       *[colour_strength[a] for a in colour_attrs], sefa_first, sefa_last, *sefa, psi, trunc_mode]
+                       *[colour_strength[a] for a in colour_attrs], sefa_first, sefa_last, *sefa, psi, trunc_mode,
+                       guided]
 
         def _edited(values: list[Any]) -> tuple[EditSession, StyleGANEditor, Any]:
             sess, name, *rest = values
@@ -208,11 +214,11 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
             k = len(colour_attrs)
             colours = {a: (v, s) for a, v, s in zip(colour_attrs, rest[n:n + k], rest[n + k:n + 2 * k])}
             first, last, *rest2 = rest[n + 2 * k:]
-            sefa_vals, (psi_val, mode) = rest2[:NUM_SEFA_SLIDERS], rest2[NUM_SEFA_SLIDERS:]
+            sefa_vals, (psi_val, mode, guided_vals) = rest2[:NUM_SEFA_SLIDERS], rest2[NUM_SEFA_SLIDERS:]
             available = editor.named_edits()
             w = editor.edit_latent(sess, edits={available[l]: v for l, v in named_vals.items() if l in available},
                                    colour_edits=colours, sefa=sefa_vals, sefa_layers=(int(first), int(last)),
-                                   psi=float(psi_val), truncation=mode)
+                                   psi=float(psi_val), truncation=mode, guided=list(guided_vals or []))
             return sess, editor, w
 
         @gpu_handler(20)
@@ -239,10 +245,13 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
             methods = editor.methods()
             updates += [gr.update(choices=[(METHOD_HELP[m], m) for m in methods],
                                   value="encoder" if "encoder" in methods else "optimise-w+")]
+            choices = editor.guided_choices()
+            updates += [gr.update(choices=choices, value=[]), gr.update(visible=bool(choices))]
             return updates
 
         control_outputs = [*named.values(), *[colour_value[a] for a in colour_attrs],
-                           *[colour_strength[a] for a in colour_attrs], sefa_first, sefa_last, *sefa, method]
+                           *[colour_strength[a] for a in colour_attrs], sefa_first, sefa_last, *sefa, method,
+                           guided, guided_box]
 
         def on_generator(name: str):
             if not name:
@@ -356,7 +365,8 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str | None = "r
         received.change(on_received, [generator, received, method, steps, pti_steps], source_outputs,
                         api_name=False, **queue).then(
             on_edit, edit_inputs, [after, pasted, reading], api_name=False, **queue)
-        for comp in [*named.values(), *colour_strength.values(), *colour_value.values(), *sefa, psi, trunc_mode]:
+        for comp in [*named.values(), *colour_strength.values(), *colour_value.values(), *sefa, psi, trunc_mode,
+                     guided]:
             comp.change(on_edit, edit_inputs, [after, pasted, reading], api_name=False, trigger_mode="always_last",
                         **queue)
         export_button.click(on_export, edit_inputs, exported, api_name=False, **queue)

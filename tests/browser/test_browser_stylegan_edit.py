@@ -1,4 +1,5 @@
-"""End to end: upload a portrait to the StyleGAN edit tab, invert it, move a slider, see the edit."""
+"""End to end: upload a portrait to the StyleGAN edit tab, invert it, move a slider, add a guided edit,
+see each edit."""
 
 import numpy as np
 import pytest
@@ -39,7 +40,12 @@ def test_upload_invert_and_edit_with_a_slider(page, tmp_path):
     number = page.locator("#sg_edit_glasses input[type=number]")
     number.fill("3")
     number.press("Enter")
-    _wait_new_src(page, "#sg_after", edited)
+    slid = _wait_new_src(page, "#sg_after", edited)
+
+    # a guided edit (the latent classifier) on top of the slider
+    page.locator("#sg_guided input").click()
+    page.get_by_role("option", name="hair color: pink").click()
+    _wait_new_src(page, "#sg_after", slid)
     assert "Traceback" not in page.content()
 
 

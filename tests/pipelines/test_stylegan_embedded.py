@@ -58,3 +58,27 @@ def test_the_glasses_direction_puts_glasses_on(editor):
     todo = [s for s, b in zip(sessions, before) if b == "no"][:12]
     after = [editor.read(editor.render(s, editor.edit_latent(s, edits={"Glasses": 3.0})))["glasses"] for s in todo]
     assert np.mean([a == "yes" for a in after]) >= 0.75
+
+
+def test_guided_edits_change_the_attribute_and_keep_the_rest(editor):
+    from pipelines.stylegan_guided_edit import guided_edit
+    from pipelines.stylegan_inversion import synthesize
+
+    assert editor.latent_classifier is not None and editor.latent_classifier.members == 3
+    assert editor.latent_classifier.has_prototypes
+    # held-out world portraits through the encoder, as the benchmark edits them (raw samples are
+    # less stable: any change flips more of their readings)
+    from pipelines.images import pil_to_tensor
+    world = PortraitWorld()
+    rng = np.random.default_rng(11)
+    photos = [world.render(world.sample_attributes(rng, split="heldout"), seed=i, size=64).image for i in range(40)]
+    with torch.no_grad():
+        w = editor.encoder(pil_to_tensor(photos, size=64))
+        before = editor.evaluator.predict_attributes(synthesize(editor.G, w))
+    todo = [i for i, r in enumerate(before) if r["hair_color"] != "pink"]
+    edited = guided_edit(editor.latent_classifier, w[todo], "hair_color=pink").w_plus
+    with torch.no_grad():
+        after = editor.evaluator.predict_attributes(synthesize(editor.G, edited))
+    success = np.mean([a["hair_color"] == "pink" for a in after])
+    kept = np.mean([a[k] == before[i][k] for i, a in zip(todo, after) for k in a if k != "hair_color"])
+    assert success >= 0.75 and kept >= 0.85, (success, kept)

@@ -44,6 +44,12 @@ def folder(tmp_path_factory):
     torch.manual_seed(2)
     save_encoder(StyleGANEncoder(num_ws=G.num_ws, w_dim=16, img_resolution=16, channel_base=64, channel_max=16),
                  root / "encoder")
+    from pipelines.data.portrait_world import ATTRIBUTES
+    from pipelines.stylegan_guided_edit import fit_latent_classifier, label_latents, sample_training_latents
+    attrs = {k: ATTRIBUTES[k] for k in ("hair_color", "glasses")}
+    w = sample_training_latents(G, 300, generator=torch.Generator().manual_seed(3))
+    labels, _ = label_latents(G, tiny_evaluator(), w, list(attrs))
+    fit_latent_classifier(w, labels, attrs, epochs=3, hidden=32)[0].save_pretrained(root / "latent_classifier")
     return root
 
 
@@ -100,6 +106,28 @@ def test_samples_are_seeded_and_edits_change_only_what_they_should(editor):
     wm = editor.edit_latent(a, psi=0.0, truncation="multimodal")
     centre = editor.modes.centres[editor.modes.nearest(a.w_plus)]
     assert torch.allclose(wm[0], centre.expand_as(wm[0]), atol=1e-5)
+
+
+def test_guided_edits_follow_the_latent_classifier_and_are_cached(editor):
+    assert ("glasses: yes", "glasses=yes") in editor.guided_choices() and len(editor.guided_choices()) == 10
+    a = editor.sample(4)
+    clf = editor.latent_classifier
+    start = float(torch.softmax(clf(a.w_plus)["glasses"], 1)[0, 1])
+    target = "glasses=yes" if start < 0.5 else "glasses=no"
+    w = editor.edit_latent(a, guided=[target])
+    p = float(torch.softmax(clf(w)["glasses"], 1)[0, 1 if target == "glasses=yes" else 0])
+    assert p >= 0.9 and not torch.equal(w, a.w_plus)
+    assert torch.equal(editor.edit_latent(a, guided=[target]), w) and len(editor._guided_cache) == 1
+    # the sliders act on the guided result
+    both = editor.edit_latent(a, guided=[target], edits={"Glasses": 1.0})
+    d = editor.directions["glasses=yes"]
+    assert torch.allclose(both - w, (d.scale * d.vector).expand_as(w), atol=1e-5)
+    with pytest.raises(ValueError, match="one value per attribute"):
+        editor.edit_latent(a, guided=["glasses=yes", "glasses=no"])
+    with pytest.raises(ValueError, match="attribute=value"):
+        editor.edit_latent(a, guided=["wings"])
+    with pytest.raises(ValueError, match="no latent classifier"):
+        StyleGANEditor(tiny_generator(), name="bare").edit_latent(a, guided=["glasses=yes"])
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

@@ -31,9 +31,10 @@ def assets(tmp_path_factory):
     return root
 
 
-def test_fit_writes_directions_modes_and_a_summary(assets):
+def test_fit_writes_directions_modes_a_latent_classifier_and_a_summary(assets):
     cfg = FitEditsConfig(generator=str(assets / "G"), evaluator=str(assets / "ev"), device="cpu", num_samples=300,
-                         min_samples=5, k=4, mode_samples=100)
+                         min_samples=5, k=4, mode_samples=100, lc_samples=300, lc_mining_rounds=1,
+                         lc_mining_samples=100, lc_epochs=2, lc_hidden=16)
     out = fit(cfg, command="python -m pipelines.training.fit_stylegan_edits ...")
     directions = load_directions(out / "directions")
     assert directions, "no direction was fitted"
@@ -46,8 +47,35 @@ def test_fit_writes_directions_modes_and_a_summary(assets):
     summary = json.loads((out / "edits.json").read_text())
     assert summary["command"].startswith("python -m pipelines.training.fit_stylegan_edits")
     assert set(summary["directions"]) == set(directions)
+    # the guided-edit classifier: trained on 300 sampled latents, then 100 of its own edits relabelled
+    from pipelines.stylegan_guided_edit import LatentAttributeClassifier
+    clf = LatentAttributeClassifier.from_pretrained(out / "latent_classifier")
+    assert (clf.num_ws, clf.w_dim) == (assets_num_ws(assets), 16) and list(clf.attributes) == list(ATTRIBUTES)
+    assert clf.members == 3 and clf.has_prototypes  # the last round trains the ensemble; prototypes follow
+    rounds = summary["latent_classifier"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["latents"] > rounds[0]["latents"]
+    assert set(summary["commands"]) == {"directions", "modes", "latent_classifier"}
+
+    # refitting one part keeps the others and their summary
+    before = (out / "modes" / "modes.safetensors").read_bytes()
+    fit(FitEditsConfig(generator=str(assets / "G"), evaluator=str(assets / "ev"), device="cpu",
+                       parts="latent_classifier", lc_samples=200, lc_mining_rounds=0, lc_epochs=1, lc_hidden=16,
+                       lc_members=1),
+        command="python -m pipelines.training.fit_stylegan_edits --parts latent_classifier")
+    again = json.loads((out / "edits.json").read_text())
+    assert (out / "modes" / "modes.safetensors").read_bytes() == before and again["directions"] == summary["directions"]
+    assert again["commands"]["modes"] == summary["commands"]["modes"]
+    assert again["commands"]["latent_classifier"].endswith("--parts latent_classifier")
+    assert len(again["latent_classifier"]["rounds"]) == 1
+    with pytest.raises(ValueError, match="parts"):
+        FitEditsConfig(generator=str(assets / "G"), evaluator=str(assets / "ev"), parts="colours").validate()
     with pytest.raises(ValueError, match="k"):
         fit(FitEditsConfig(generator=str(assets / "G"), evaluator=str(assets / "ev"), k=200, mode_samples=100))
+
+
+def assets_num_ws(root) -> int:
+    from pipelines.stylegan_io import load_generator
+    return int(load_generator(root / "G").num_ws)
 
 
 def test_filter_report_counts_precision_and_recall():
