@@ -8,13 +8,15 @@ own short optimisation instead, in the manner of latent-classifier editing (Yao 
 Latent Transformer for Disentangled Face Editing in Images and Videos", whose classification and
 attribute-preservation losses these are, applied per image rather than learned as a mapping):
 
-- :class:`LatentAttributeClassifier`: an MLP on W+ with one softmax head per attribute, trained on
-  the generator's own latents labelled by the evaluator from their images (encoder inversions of
-  training renders, and sampled, partly style-mixed latents);
+- :class:`LatentAttributeClassifier`: an MLP (or an ensemble of MLPs, their log-probabilities
+  averaged) on W+ with one softmax head per attribute, trained on the generator's own latents
+  labelled by the evaluator from their images (encoder inversions of training renders, and
+  sampled, partly style-mixed latents), with a prototype per value (the class mean);
 - :func:`guided_edit`: Adam on an offset ``delta`` of ``w_plus`` that raises the target value's
   probability until it passes ``threshold``, while a KL term holds every other attribute's
   predicted distribution where it was and an L2 term keeps the step short. Only latents below the
-  threshold are pushed; the KL term keeps acting on all of them;
+  threshold are pushed; the KL term keeps acting on all of them. Latents the first start leaves
+  short get a second start from their target's prototype;
 - :func:`mine_edit_latents`: the classifier's own edits, rendered and relabelled, become training
   data for the next round (where the classifier was fooled, the label now says so).
 
