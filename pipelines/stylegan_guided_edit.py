@@ -180,8 +180,8 @@ def label_latents(G: Any, evaluator: Any, w_plus: torch.Tensor, attributes: Sequ
     from pipelines.stylegan_inversion import synthesize
 
     labels, outlier = [], []
+    device = next(G.parameters()).device
     for chunk in w_plus.split(batch_size):
-        device = next(G.parameters()).device
         res = evaluator.run(synthesize(G, chunk.to(device)))
         labels.append(torch.stack([torch.as_tensor(res[a]).long().cpu() for a in attributes], 1))
         outlier.append(torch.as_tensor(res["outlier_score"]).float().cpu())
