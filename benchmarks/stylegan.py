@@ -176,13 +176,18 @@ def edit_figures(G, evaluator, edit, w_plus: torch.Tensor, targets=EDIT_TARGETS)
             "edit_per_target": per_target}
 
 
-def coverage(readings_list: list[dict[str, str]], min_share: float) -> int:
-    """Attribute values read in at least ``min_share`` of the images."""
+def value_shares(readings_list: list[dict[str, str]]) -> dict[tuple[str, str], float]:
+    """Share of the images in which each (attribute, value) is read."""
     counts: dict[tuple[str, str], int] = {}
     for r in readings_list:
         for k, v in r.items():
             counts[(k, v)] = counts.get((k, v), 0) + 1
-    return sum(1 for c in counts.values() if c >= min_share * len(readings_list))
+    return {k: c / len(readings_list) for k, c in counts.items()}
+
+
+def coverage(readings_list: list[dict[str, str]], min_share: float) -> int:
+    """Attribute values read in at least ``min_share`` of the images."""
+    return sum(1 for s in value_shares(readings_list).values() if s >= min_share)
 
 
 def pair_coverage(readings_list: list[dict[str, str]], min_share: float) -> int:
@@ -199,13 +204,7 @@ def kept_share(readings_list: list[dict[str, str]], reference: list[dict[str, st
                keep: float = 0.5) -> int:
     """Attribute values (of those with ``min_share`` in ``reference``) whose share is at least
     ``keep`` of their share in ``reference``: what truncation keeps of the untruncated mix."""
-    def shares(rs):
-        c: dict[tuple[str, str], int] = {}
-        for r in rs:
-            for k, v in r.items():
-                c[(k, v)] = c.get((k, v), 0) + 1
-        return {k: n / len(rs) for k, n in c.items()}
-    ref, got = shares(reference), shares(readings_list)
+    ref, got = value_shares(reference), value_shares(readings_list)
     return sum(1 for k, s in ref.items() if s >= min_share and got.get(k, 0.0) >= keep * s)
 
 

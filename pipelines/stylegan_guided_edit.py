@@ -302,8 +302,7 @@ def guided_edit(classifier: LatentAttributeClassifier, w_plus: torch.Tensor,
         raise ValueError("need 0 < threshold < 1, steps >= 0, lr > 0, keep_weight >= 0, l2 >= 0 and growth >= 1")
     if restart < 0:
         raise ValueError(f"restart must not be negative, got {restart}")
-    squeeze = w_plus.ndim == 2
-    w0 = (w_plus[:, None].expand(-1, classifier.num_ws, -1) if squeeze else w_plus).detach().float()
+    w0 = (w_plus[:, None].expand(-1, classifier.num_ws, -1) if w_plus.ndim == 2 else w_plus).detach().float()
     w0 = w0.to(classifier.w_mean.device)
     mask = torch.zeros(1, classifier.num_ws, 1, device=w0.device)
     idx = list(range(classifier.num_ws)) if layers is None else [int(i) for i in layers]

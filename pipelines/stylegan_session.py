@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from models.stylegan2 import Generator
 from pipelines.stylegan_editing import (Direction, MultiModalTruncation, apply_edit, global_truncate,
                                         load_directions, paste_back, sefa_directions, sefa_labels)
-from pipelines.stylegan_guided_edit import LatentAttributeClassifier, guided_edit, parse_target
+from pipelines.stylegan_guided_edit import LatentAttributeClassifier, guided_edit
 from pipelines.stylegan_inversion import INVERSION_METHODS, InversionPipeline, load_encoder, synthesize
 
 __all__ = [
@@ -345,15 +345,11 @@ class StyleGANEditor:
         if self.latent_classifier is None:
             raise ValueError(f"{self.name} has no latent classifier for guided edits; fit one with "
                              "`python -m pipelines.training.fit_stylegan_edits --parts latent_classifier`")
-        for t in targets:
-            parse_target(t, self.latent_classifier.attributes)
-        attrs = [t.split("=", 1)[0] for t in targets]
-        if len(set(attrs)) != len(attrs):
-            raise ValueError(f"choose one value per attribute for guided edits, got {', '.join(targets)}")
         key = (id(session.w_plus), session.w_plus.data_ptr(), truncation, targets)
         if key not in self._guided_cache:
             if len(self._guided_cache) >= 16:
                 self._guided_cache.pop(next(iter(self._guided_cache)))
+            # guided_edit checks the targets (known values, one per attribute) before anything is cached
             self._guided_cache[key] = guided_edit(self.latent_classifier, w, list(targets)).w_plus.to(w)
         return self._guided_cache[key].clone()
 

@@ -193,15 +193,16 @@ def fit_guided_classifier(config: FitEditsConfig, G, evaluator: Evaluator, folde
     gen = torch.Generator().manual_seed(config.seed + 2)
     pools = []
     encoder_dir = Path(config.generator) / "encoder"
-    if config.lc_bank and encoder_dir.is_dir():
-        res = G.img_resolution
-        bank = render_bank(config.lc_bank, size=res, seed=config.seed, split="train", workers=2,
-                           cache=Path(config.bank_cache) / f"bank_train_n{config.lc_bank}_s{res}_seed{config.seed}.npz")
-        encoder = load_encoder(encoder_dir, device=next(G.parameters()).device)
+    inverted = config.lc_bank if encoder_dir.is_dir() else 0
+    if inverted:
+        res, device = G.img_resolution, next(G.parameters()).device
+        bank = render_bank(inverted, size=res, seed=config.seed, split="train", workers=2,
+                           cache=Path(config.bank_cache) / f"bank_train_n{inverted}_s{res}_seed{config.seed}.npz")
+        encoder = load_encoder(encoder_dir, device=device)
         with torch.no_grad():
-            pools.append(torch.cat([encoder(chunk.float().div(127.5).sub(1.0).to(next(G.parameters()).device)).float().cpu()
+            pools.append(torch.cat([encoder(chunk.float().div(127.5).sub(1.0).to(device)).float().cpu()
                                     for chunk in bank.images.split(200)]))
-        print(f"{len(pools[-1])} training renders inverted with {encoder_dir}", flush=True)
+        print(f"{inverted} training renders inverted with {encoder_dir}", flush=True)
     if config.lc_samples:
         pools.append(sample_training_latents(G, config.lc_samples, generator=gen))
     if not pools:
@@ -231,7 +232,7 @@ def fit_guided_classifier(config: FitEditsConfig, G, evaluator: Evaluator, folde
     prototypes = fit_prototypes(config, G, model)
     summary = {"latents": int(keep.sum()), "rounds": history, "seconds": round(time.time() - t0, 1),
                "prototypes": prototypes,
-               "from": {"encoder_inversions": config.lc_bank if config.lc_bank and encoder_dir.is_dir() else 0,
+               "from": {"encoder_inversions": inverted,
                         "samples": config.lc_samples,
                         "mined": config.lc_mining_rounds * config.lc_mining_samples}}
     model.save_pretrained(folder, extra={"training": summary})
