@@ -15,10 +15,13 @@ attribute-preservation losses these are, applied per image rather than learned a
 - :func:`guided_edit`: Adam on an offset ``delta`` of ``w_plus`` that raises the target value's
   probability until it passes ``threshold``, while a KL term holds every other attribute's
   predicted distribution where it was and an L2 term keeps the step short. Only latents below the
-  threshold are pushed; the KL term keeps acting on all of them. Latents the first start leaves
-  short get a second start from their target's prototype;
+  threshold are pushed; the KL term keeps acting on all of them. The first start is half way to the
+  target's prototype (its class mean), and latents it leaves short get a second start at the
+  prototype;
 - :func:`mine_edit_latents`: the classifier's own edits, rendered and relabelled, become training
-  data for the next round (where the classifier was fooled, the label now says so).
+  data for the next round (where the classifier was fooled, the label now says so); with
+  :func:`mining_weights`, each round spends more of its edits on the target values whose edits the
+  rendered images contradicted most often so far (hard mining).
 
 No image is rendered inside the edit loop: an edit costs a few hundred MLP passes.
 """
@@ -30,7 +33,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +46,9 @@ __all__ = [
     "fit_latent_classifier",
     "guided_edit",
     "label_latents",
+    "MinedEdits",
     "mine_edit_latents",
+    "mining_weights",
     "parse_target",
     "sample_training_latents",
 ]
@@ -276,9 +281,9 @@ class GuidedEdit:
 
 def guided_edit(classifier: LatentAttributeClassifier, w_plus: torch.Tensor,
                 targets: str | Sequence[str | tuple[str, str]], *,
-                threshold: float = 0.995, steps: int = 200, lr: float = 0.05, keep_weight: float = 1.0,
+                threshold: float = 0.9995, steps: int = 300, lr: float = 0.05, keep_weight: float = 1.0,
                 l2: float = 1e-4, layers: Sequence[int] | range | None = None, growth: float = 1.03,
-                restart: float = 1.0) -> GuidedEdit:
+                start: float = 0.5, restart: float = 1.0) -> GuidedEdit:
     """Edit ``w_plus [B, num_ws, w_dim]`` until the classifier gives every target value at least
     ``threshold``, keeping the other attributes' predictions (KL, weight ``keep_weight``) and the
     step short (``l2``). ``targets``: one ``'attribute=value'`` or several (one value per
@@ -286,10 +291,17 @@ def guided_edit(classifier: LatentAttributeClassifier, w_plus: torch.Tensor,
 
     The push on a latent grows by ``growth`` every step it is still below the threshold (a penalty
     method for the constraint p >= threshold), so that the terms that keep the rest in place do not
-    hold a hard edit back for good. Some starts still stall (green hair to pink): latents still below
-    the threshold at the end get a second start, from the latent moved ``restart`` times the
-    targets' prototypes (:meth:`LatentAttributeClassifier.fit_prototypes`), when the classifier has
-    them: on the embedded generator this takes hair-colour edits from about 0.75 to 0.9."""
+    hold a hard edit back for good.
+
+    When the classifier has prototypes (:meth:`LatentAttributeClassifier.fit_prototypes`, the class
+    means), the first start is the latent moved ``start`` times the targets' prototypes, not the
+    latent itself: the classifier's steepest ascent from the source finds latents it reads as the
+    target more often than the rendered image shows it (a fooled classifier), while a start part of
+    the way to the class mean lands among latents it was trained on. Latents still below the
+    threshold at the end get a second start, from ``restart`` times the prototypes. On the embedded
+    generator's tuning renders (seed 9 100 000, 9 edits, the evaluator reading the images), from the
+    source alone with threshold 0.995 and 200 steps: success 0.905, preservation 0.935; with these
+    defaults: 0.939 and 0.925. ``step_norm`` is measured from the source latent."""
     if isinstance(targets, str):
         targets = [targets]
     parsed = [parse_target(t, classifier.attributes) for t in targets]
@@ -300,8 +312,8 @@ def guided_edit(classifier: LatentAttributeClassifier, w_plus: torch.Tensor,
         raise ValueError(f"one value per attribute, got {[f'{a}={v}' for a, v in parsed]}")
     if not 0 < threshold < 1 or steps < 0 or lr <= 0 or keep_weight < 0 or l2 < 0 or growth < 1:
         raise ValueError("need 0 < threshold < 1, steps >= 0, lr > 0, keep_weight >= 0, l2 >= 0 and growth >= 1")
-    if restart < 0:
-        raise ValueError(f"restart must not be negative, got {restart}")
+    if restart < 0 or start < 0:
+        raise ValueError(f"start and restart must not be negative, got {start} and {restart}")
     w0 = (w_plus[:, None].expand(-1, classifier.num_ws, -1) if w_plus.ndim == 2 else w_plus).detach().float()
     w0 = w0.to(classifier.w_mean.device)
     mask = torch.zeros(1, classifier.num_ws, 1, device=w0.device)
@@ -311,12 +323,18 @@ def guided_edit(classifier: LatentAttributeClassifier, w_plus: torch.Tensor,
     mask[:, idx] = 1.0
     value_idx = {a: classifier.attributes[a].index(v) for a, v in parsed}
     settings = dict(threshold=threshold, steps=int(steps), lr=lr, keep_weight=keep_weight, l2=l2, growth=growth)
-    out, p = _optimise(classifier, w0, mask, value_idx, **settings)
-    if restart > 0 and classifier.has_prototypes and not bool((p >= threshold).all()):
-        # Second start for the latents the first did not finish: from the latent moved towards the
-        # targets' prototypes (the class means), where the classifier's slope leads elsewhere.
+    shift = sum(classifier.prototype(a, v) for a, v in parsed) * mask[0] if classifier.has_prototypes else None
+    first = w0
+    if shift is not None and start > 0:
+        with torch.no_grad():  # a latent that already reads as the targets stays where it is
+            logits = classifier(w0)
+            there = torch.stack([F.softmax(logits[a], 1)[:, i] for a, i in value_idx.items()], 1).min(1).values
+        first = torch.where((there >= threshold)[:, None, None], w0, w0 + start * shift)
+    out, p = _optimise(classifier, first, mask, value_idx, **settings)
+    if restart > 0 and shift is not None and not bool((p >= threshold).all()):
+        # Second start for the latents the first did not finish: from the latent moved further towards
+        # the targets' prototypes, where the classifier's slope leads elsewhere.
         todo = (p < threshold).nonzero().flatten()
-        shift = sum(classifier.prototype(a, v) for a, v in parsed) * mask[0]
         out2, p2 = _optimise(classifier, w0[todo] + restart * shift, mask, value_idx, **settings)
         out, p = out.clone(), p.clone()
         out[todo], p[todo] = out2, p2
@@ -357,23 +375,67 @@ def _optimise(classifier: LatentAttributeClassifier, w0: torch.Tensor, mask: tor
         return out, target_probs(classifier(out)).min(1).values
 
 
+class MinedEdits(NamedTuple):
+    """Edited latents with their evaluator labels, and how often each target value was reached."""
+
+    w_plus: torch.Tensor               # [N, num_ws, w_dim]
+    labels: torch.Tensor               # [N, attributes]
+    outlier: torch.Tensor              # [N]
+    reached: dict[str, tuple[int, int]]  # "attr=value" -> (edits whose image shows it, edits)
+
+
+def target_keys(classifier: LatentAttributeClassifier) -> list[str]:
+    """Every ``attr=value`` the classifier can edit towards."""
+    return [f"{a}={v}" for a, values in classifier.attributes.items() for v in values]
+
+
+def mining_weights(reached: Mapping[str, tuple[int, int]], keys: Sequence[str], floor: float = 0.05) -> dict[str, float]:
+    """Sampling weight of each target for the next mining round: the posterior mean miss rate of
+    its edits so far (Beta(1, 1) prior, so an untried target weighs 0.5), at least ``floor``."""
+    weights = {}
+    for key in keys:
+        hit, n = reached.get(key, (0, 0))
+        weights[key] = max(floor, (n - hit + 1) / (n + 2))
+    return weights
+
+
 def mine_edit_latents(classifier: LatentAttributeClassifier, G: Any, evaluator: Any, pool: torch.Tensor,
                       num_samples: int, *, chunk: int = 200, generator: torch.Generator | None = None,
-                      **edit_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Edit ``num_samples`` latents drawn from ``pool`` towards random target values (one per
-    chunk), render and relabel them: ``(w_plus, labels, outlier)`` to add to the training set."""
+                      target_weights: Mapping[str, float] | None = None, **edit_kwargs: Any) -> MinedEdits:
+    """Edit ``num_samples`` latents drawn from ``pool`` towards target values (one per chunk), render
+    and relabel them, to add to the training set. Targets are drawn uniformly over attributes and
+    then values, or, with ``target_weights`` ("attr=value" -> weight, e.g. :func:`mining_weights`),
+    in proportion to those weights: hard mining, more edits where the classifier is fooled more."""
     names = list(classifier.attributes)
+    keys = target_keys(classifier)
+    if target_weights is not None:
+        unknown = set(target_weights) - set(keys)
+        if unknown:
+            raise ValueError(f"target_weights names values the classifier does not know: {sorted(unknown)}")
+        probs = torch.tensor([float(target_weights.get(k, 0.0)) for k in keys], dtype=torch.float64)
+        if not torch.isfinite(probs).all() or (probs < 0).any() or probs.sum() <= 0:
+            raise ValueError("target_weights must be non-negative, finite and not all zero")
     pick = torch.randperm(pool.shape[0], generator=generator)[:num_samples]
     ws, ls, os_ = [], [], []
+    reached: dict[str, list[int]] = {}
     for part in pick.split(chunk):
-        a = names[int(torch.randint(0, len(names), (), generator=generator))]
-        v = classifier.attributes[a][int(torch.randint(0, len(classifier.attributes[a]), (), generator=generator))]
-        w = guided_edit(classifier, pool[part], f"{a}={v}", **edit_kwargs).w_plus.cpu()
+        if target_weights is None:
+            a = names[int(torch.randint(0, len(names), (), generator=generator))]
+            v = classifier.attributes[a][int(torch.randint(0, len(classifier.attributes[a]), (), generator=generator))]
+            key = f"{a}={v}"
+        else:
+            key = keys[int(torch.multinomial(probs, 1, generator=generator))]
+            a, v = key.split("=", 1)
+        w = guided_edit(classifier, pool[part], key, **edit_kwargs).w_plus.cpu()
         labels, outlier = label_latents(G, evaluator, w, names, batch_size=chunk)
+        hits = int((labels[:, names.index(a)] == list(classifier.attributes[a]).index(v)).sum())
+        tally = reached.setdefault(key, [0, 0])
+        tally[0] += hits
+        tally[1] += len(part)
         ws.append(w)
         ls.append(labels)
         os_.append(outlier)
-    return torch.cat(ws), torch.cat(ls), torch.cat(os_)
+    return MinedEdits(torch.cat(ws), torch.cat(ls), torch.cat(os_), {k: (h, n) for k, (h, n) in reached.items()})
 
 
 def accuracy_table(accuracy: Mapping[str, float]) -> str:

@@ -60,6 +60,8 @@ class FitEditsConfig:
     lc_samples: int = 8000  # sampled latents, half of them style-mixed
     lc_mining_rounds: int = 3  # rounds of relabelled guided edits added to the training set
     lc_mining_samples: int = 6000  # edited latents per round
+    lc_hard_mining: bool = False  # rounds after the first favour target values whose edits missed more often
+    lc_mining_chunk: int = 200  # edited latents per drawn target value
     lc_epochs: int = 30
     lc_hidden: int = 512
     lc_members: int = 3  # MLPs in the final classifier (an ensemble); the mining rounds use one
@@ -83,6 +85,8 @@ class FitEditsConfig:
         unknown = set(self.part_list) - set(PARTS)
         if unknown or not self.part_list:
             raise ValueError(f"parts must name some of {list(PARTS)}, got {self.parts!r}")
+        if self.lc_mining_chunk < 1:
+            raise ValueError(f"lc_mining_chunk must be positive, got {self.lc_mining_chunk}")
         for name in ("lc_bank", "lc_samples", "lc_mining_rounds", "lc_mining_samples", "prototype_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -185,7 +189,8 @@ def fit_guided_classifier(config: FitEditsConfig, G, evaluator: Evaluator, folde
     from pipelines.data.bank import render_bank
     from pipelines.data.portrait_world import ATTRIBUTES
     from pipelines.stylegan_guided_edit import (accuracy_table, fit_latent_classifier, label_latents,
-                                                mine_edit_latents, sample_training_latents)
+                                                mine_edit_latents, mining_weights, sample_training_latents,
+                                                target_keys)
     from pipelines.stylegan_inversion import load_encoder
 
     t0 = time.time()
@@ -215,16 +220,24 @@ def fit_guided_classifier(config: FitEditsConfig, G, evaluator: Evaluator, folde
     model, accuracy = fit_latent_classifier(w, labels, ATTRIBUTES, keep=keep, **fit_kwargs)
     history = [{"round": 0, "latents": int(keep.sum()), "accuracy": accuracy}]
     print(f"round 0: {accuracy_table(accuracy)}", flush=True)
+    reached: dict[str, tuple[int, int]] = {}  # per target value: (last round's edits whose image shows it, edits)
     for rnd in range(1, config.lc_mining_rounds + 1):
         fit_prototypes(config, G, model)  # so that the mined edits take second starts as the final ones do
-        mw, ml, mo = mine_edit_latents(model, G, evaluator, w[: len(pools[0])], config.lc_mining_samples, generator=gen)
-        w, labels, outlier = torch.cat([w, mw]), torch.cat([labels, ml]), torch.cat([outlier, mo])
+        weights = mining_weights(reached, target_keys(model)) if config.lc_hard_mining and reached else None
+        mined = mine_edit_latents(model, G, evaluator, w[: len(pools[0])], config.lc_mining_samples,
+                                  chunk=config.lc_mining_chunk, generator=gen, target_weights=weights)
+        reached = mined.reached  # the next round weighs targets by how this classifier's edits fared
+        w, labels = torch.cat([w, mined.w_plus]), torch.cat([labels, mined.labels])
+        outlier = torch.cat([outlier, mined.outlier])
         keep = outlier <= config.max_outlier_score
         last = rnd == config.lc_mining_rounds
         model, accuracy = fit_latent_classifier(w, labels, ATTRIBUTES, keep=keep, **fit_kwargs,
                                                 members=config.lc_members if last else 1)
         history.append({"round": rnd, "latents": int(keep.sum()), "accuracy": accuracy,
-                        "members": model.members})
+                        "members": model.members,
+                        "edits_reached": round(sum(h for h, _ in mined.reached.values())
+                                               / max(1, sum(n for _, n in mined.reached.values())), 4),
+                        "hardest": sorted(mined.reached, key=lambda k: mined.reached[k][0] / mined.reached[k][1])[:5]})
         print(f"round {rnd}: {accuracy_table(accuracy)} ({model.members} MLPs)", flush=True)
     if config.lc_mining_rounds == 0 and config.lc_members > 1:
         model, accuracy = fit_latent_classifier(w, labels, ATTRIBUTES, keep=keep, **fit_kwargs, members=config.lc_members)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipelines.stylegan_guided_edit import (LatentAttributeClassifier, fit_latent_classifier, guided_edit,
-                                            label_latents, mine_edit_latents, parse_target,
+                                            label_latents, mine_edit_latents, mining_weights, parse_target,
                                             sample_training_latents)
 from pipelines.stylegan_inversion import synthesize
 from tests._tiny import tiny_generator, tiny_world_evaluator
@@ -116,10 +116,33 @@ def test_labels_come_from_the_rendered_images_and_mining_adds_edited_latents():
     from pipelines.data.portrait_world import ATTRIBUTES
     all_labels, _ = label_latents(G, ev, w, list(ATTRIBUTES))
     model, _ = fit_latent_classifier(w, all_labels, ATTRIBUTES, epochs=1, hidden=8, val_fraction=0)
-    mw, ml, mo = mine_edit_latents(model, G, ev, w, 24, chunk=8, generator=torch.Generator().manual_seed(1), steps=3)
+    mw, ml, mo, reached = mine_edit_latents(model, G, ev, w, 24, chunk=8, generator=torch.Generator().manual_seed(1),
+                                            steps=3)
     assert mw.shape == (24, G.num_ws, G.w_dim) and ml.shape == (24, len(ATTRIBUTES)) and mo.shape == (24,)
     with torch.no_grad():
         assert torch.equal(ml[:, 0], ev.run(synthesize(G, mw))["hair_color"])
+    assert sum(n for _, n in reached.values()) == 24 and all(0 <= h <= n for h, n in reached.values())
+    for key, (hit, n) in reached.items():  # each tally is the share of its edits the evaluator reads as asked
+        assert n % 8 == 0 and hit <= n
+
+    # hard mining: every chunk goes to the one target with weight, and its tally counts the readings
+    hard = mine_edit_latents(model, G, ev, w, 16, chunk=8, generator=torch.Generator().manual_seed(2), steps=3,
+                             target_weights={"glasses=yes": 1.0})
+    hit = int((hard.labels[:, list(ATTRIBUTES).index("glasses")] == list(ATTRIBUTES["glasses"]).index("yes")).sum())
+    assert hard.reached == {"glasses=yes": (hit, 16)}
+    with pytest.raises(ValueError, match="does not know"):
+        mine_edit_latents(model, G, ev, w, 8, target_weights={"glasses=maybe": 1.0})
+    with pytest.raises(ValueError, match="not all zero"):
+        mine_edit_latents(model, G, ev, w, 8, target_weights={"glasses=yes": 0.0})
+
+
+def test_mining_weights_favour_targets_whose_edits_missed():
+    keys = ["a=x", "a=y", "b=z"]
+    weights = mining_weights({"a=x": (98, 100), "a=y": (40, 100)}, keys)
+    assert weights["a=y"] > weights["b=z"] * 1.1 > weights["a=x"]  # missed 60 % > untried (0.5) > missed 2 %
+    assert weights["b=z"] == 0.5 and weights["a=y"] == pytest.approx(61 / 102)
+    assert weights["a=x"] == 0.05  # 3 / 102, raised to the floor: solved targets still get some edits
+    assert mining_weights({"a=x": (98, 100)}, keys, floor=0.0)["a=x"] == pytest.approx(3 / 102)
 
 
 def test_prototypes_are_class_means_and_give_unfinished_edits_a_second_start(planted, tmp_path):
@@ -133,15 +156,23 @@ def test_prototypes_are_class_means_and_give_unfinished_edits_a_second_start(pla
     assert torch.allclose(model.prototype("colour", "red"), w[red].mean(0) - w.mean(0), atol=1e-5)
     assert float(model.prototype("colour", "red").mean(0)[1]) > 0.3  # red = coordinate 1 is the largest
 
-    # steps=0: the first start leaves every latent where it is, the second starts at the prototype shift
+    # steps=0, start=0: the first start leaves every latent where it is, the second starts at the prototype shift
     x = torch.randn(16, 4, 8, generator=torch.Generator().manual_seed(5))
-    first = guided_edit(model, x, "colour=red", steps=0, restart=0.0)
+    first = guided_edit(model, x, "colour=red", steps=0, start=0.0, restart=0.0)
     assert torch.equal(first.w_plus, x)
     todo = ~first.reached
-    assert todo.any()
-    second = guided_edit(model, x, "colour=red", steps=0, restart=1.0)
-    assert torch.allclose(second.w_plus[todo], x[todo] + model.prototype("colour", "red"), atol=1e-6)
+    assert todo.any() and (~todo).any()
+    second = guided_edit(model, x, "colour=red", steps=0, start=0.0, restart=1.0)
+    proto = model.prototype("colour", "red")
+    assert torch.allclose(second.w_plus[todo], x[todo] + proto, atol=1e-6)
     assert torch.equal(second.w_plus[~todo], x[~todo])
+    # the default first start is half way to the prototype, for the latents not there yet
+    half = guided_edit(model, x, "colour=red", steps=0, restart=0.0)
+    assert torch.allclose(half.w_plus[todo], x[todo] + 0.5 * proto, atol=1e-6)
+    assert torch.equal(half.w_plus[~todo], x[~todo])
+    assert torch.allclose(half.step_norm[todo], 0.5 * proto.flatten().norm().expand(int(todo.sum())), atol=1e-5)
+    with pytest.raises(ValueError, match="start"):
+        guided_edit(model, x, "colour=red", start=-0.5)
     # kept through save/load; a classifier saved without prototypes loads with none
     back = LatentAttributeClassifier.from_pretrained(model.save_pretrained(tmp_path / "lc2"))
     assert torch.equal(back.prototypes, model.prototypes)

@@ -67,6 +67,16 @@ def test_fit_writes_directions_modes_a_latent_classifier_and_a_summary(assets):
     assert again["commands"]["modes"] == summary["commands"]["modes"]
     assert again["commands"]["latent_classifier"].endswith("--parts latent_classifier")
     assert len(again["latent_classifier"]["rounds"]) == 1
+    # hard mining: round 2 draws its targets by how round 1's edits fared; each round says how they did
+    fit(FitEditsConfig(generator=str(assets / "G"), evaluator=str(assets / "ev"), device="cpu",
+                       parts="latent_classifier", lc_samples=200, lc_mining_rounds=2, lc_mining_samples=60,
+                       lc_mining_chunk=20, lc_hard_mining=True, lc_epochs=1, lc_hidden=16, lc_members=1),
+        command="python -m pipelines.training.fit_stylegan_edits --parts latent_classifier --lc_hard_mining true")
+    hard = json.loads((out / "edits.json").read_text())["latent_classifier"]["rounds"]
+    assert [r["round"] for r in hard] == [0, 1, 2] and hard[2]["latents"] > hard[1]["latents"] > hard[0]["latents"]
+    assert all(0 <= r["edits_reached"] <= 1 and 1 <= len(r["hardest"]) <= 3 for r in hard[1:])
+    with pytest.raises(ValueError, match="lc_mining_chunk"):
+        FitEditsConfig(generator=str(assets / "G"), evaluator=str(assets / "ev"), lc_mining_chunk=0).validate()
     with pytest.raises(ValueError, match="parts"):
         FitEditsConfig(generator=str(assets / "G"), evaluator=str(assets / "ev"), parts="colours").validate()
     with pytest.raises(ValueError, match="k"):
