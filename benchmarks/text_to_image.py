@@ -16,7 +16,8 @@ the share of the attributes a prompt names that the evaluator reads in its image
 - speedup: teacher time / student time for the same batch of 8 prompts, end to end (text encoding,
   denoising, decoding to PIL), teacher at its best setting; denoise_speedup: the denoising loop alone;
 - onnx_speedup: eager student / ONNX Runtime student (fp32 export, CPU, same batch of 8) with
-  onnx_max_abs_diff, the largest difference of their images in [0, 1] from the same noise
+  onnx_max_abs_diff, the largest difference of their images in [0, 1] from the same noise; the
+  same for the int8 dynamically quantised graphs (onnx_int8_*), with their adherence
   (``--skip_onnx`` leaves these out);
 - negative_suppression: share of student images showing ``--negative_attribute`` (glasses=yes) when
   the prompt asks for it and the negative prompt names it (NASA, ``negative_mode="nasa"``), divided
@@ -103,32 +104,45 @@ def teacher_sweep(teacher, evaluator: Evaluator, prompts: Sequence[str], *, step
 
 
 def onnx_figures(student_folder: str | Path, prompts: Sequence[str], *, repeats: int,
-                 text_encoder_path: str | None = None) -> dict[str, float]:
-    """Export the student (fp32, no int8) to a temporary folder and compare ONNX Runtime with eager
-    PyTorch, both fp32 on the CPU, at 1 step on the same batch and the same noise."""
+                 text_encoder_path: str | None = None, evaluator: Evaluator | None = None,
+                 adherence_prompts: Sequence[str] = (), images_per_prompt: int = 1) -> dict[str, float]:
+    """Export the student to a temporary folder and compare ONNX Runtime with eager PyTorch on the
+    CPU, at 1 step on the same batch and the same noise: the fp32 graphs (``onnx_*``) and the int8
+    dynamically quantised ones (``onnx_int8_*``). With ``evaluator`` and ``adherence_prompts``, the
+    int8 student's adherence on them too (the fp32 graphs match eager to rounding)."""
     from pipelines.onnx_export import OnnxPortraitPipeline, export_onnx
 
     eager = PortraitDiffusionPipeline.from_pretrained(student_folder, device="cpu", dtype=torch.float32,
                                                       text_encoder_path=text_encoder_path)
     prompts = list(prompts)
     latents = torch.randn((len(prompts), *eager.latent_shape), generator=torch.Generator().manual_seed(0))
+    figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = export_onnx(student_folder, Path(tmp) / "onnx", quantize_int8=False,
+        folder = export_onnx(student_folder, Path(tmp) / "onnx", quantize_int8=True,
                              text_encoder_path=text_encoder_path)
-        onnx = OnnxPortraitPipeline.from_pretrained(folder, providers=["CPUExecutionProvider"],
-                                                    text_encoder_path=text_encoder_path)
 
         def run(pipe):
             return lambda: pipe(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents,
                                 generator=torch.Generator().manual_seed(0))
 
         common = dict(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="pt")
-        a, b = eager(**common).images, onnx(**common).images            # [B, 3, H, W] in [-1, 1]
-        diff = float((a - b).abs().max()) / 2                            # in [0, 1] units
+        a = eager(**common).images                                      # [B, 3, H, W] in [-1, 1]
         te = time_call(run(eager), repeats=repeats)
-        to = time_call(run(onnx), repeats=repeats)
-    return {"onnx_speedup": te["total"] / to["total"], "onnx_max_abs_diff": diff,
-            "onnx_eager_batch_ms": 1000 * te["total"], "onnx_batch_ms": 1000 * to["total"]}
+        figures["onnx_eager_batch_ms"] = 1000 * te["total"]
+        for prefix, int8 in (("onnx", False), ("onnx_int8", True)):
+            onnx = OnnxPortraitPipeline.from_pretrained(folder, providers=["CPUExecutionProvider"], int8=int8,
+                                                        text_encoder_path=text_encoder_path)
+            b = onnx(**common).images
+            to = time_call(run(onnx), repeats=repeats)
+            figures.update({f"{prefix}_speedup": te["total"] / to["total"],
+                            f"{prefix}_max_abs_diff": float((a - b).abs().max()) / 2,  # in [0, 1] units
+                            f"{prefix}_batch_ms": 1000 * to["total"]})
+            if int8 and evaluator is not None and adherence_prompts:
+                images = generate(onnx, list(adherence_prompts), steps=1, guidance=1.0,
+                                  images_per_prompt=images_per_prompt)
+                figures["onnx_int8_student_adherence"] = adherence(evaluator, images, list(adherence_prompts),
+                                                                   images_per_prompt)
+    return figures
 
 
 def negative_figures(student, evaluator: Evaluator, *, name: str, value: str, negative_prompt: str, n: int,
@@ -221,7 +235,8 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
     figures.update(speed_figures(teacher, student, batch, teacher_steps=best_steps, teacher_guidance=best_guidance,
                                  repeats=repeats, device=device))
     if not skip_onnx:
-        figures.update(onnx_figures(student_folder, batch, repeats=repeats, text_encoder_path=text_encoder_path))
+        figures.update(onnx_figures(student_folder, batch, repeats=repeats, text_encoder_path=text_encoder_path,
+                                    evaluator=evaluator, adherence_prompts=texts, images_per_prompt=images_per_prompt))
 
     # negative prompt (NASA)
     figures.update(negative_figures(student, evaluator, name=name, value=value, negative_prompt=phrase,

@@ -61,6 +61,9 @@ def test_main_gives_every_figure_finite(folders, tmp_path):
     assert figures["teacher_steps"] in (1, 2)
     assert 0 <= figures["teacher_adherence"] <= 1 and 0 <= figures["student_adherence"] <= 1
     assert figures["onnx_max_abs_diff"] < 1e-3                     # fp32 export of the same network
+    # the int8 graphs: timed, compared and read too (quantised weights: close, not equal)
+    assert 0 < figures["onnx_int8_max_abs_diff"] < 0.5 and figures["onnx_int8_speedup"] > 0
+    assert 0 <= figures["onnx_int8_student_adherence"] <= 1
     assert json.loads(out.read_text())["figures"]["fd_ratio"] == figures["fd_ratio"]
     assert torch.get_num_threads() == 1
 
