@@ -327,8 +327,7 @@ def guided_edit(classifier: LatentAttributeClassifier, w_plus: torch.Tensor,
     first = w0
     if shift is not None and start > 0:
         with torch.no_grad():  # a latent that already reads as the targets stays where it is
-            logits = classifier(w0)
-            there = torch.stack([F.softmax(logits[a], 1)[:, i] for a, i in value_idx.items()], 1).min(1).values
+            there = _target_probs(classifier(w0), value_idx).min(1).values
         first = torch.where((there >= threshold)[:, None, None], w0, w0 + start * shift)
     out, p = _optimise(classifier, first, mask, value_idx, **settings)
     if restart > 0 and shift is not None and not bool((p >= threshold).all()):
@@ -342,6 +341,11 @@ def guided_edit(classifier: LatentAttributeClassifier, w_plus: torch.Tensor,
     return GuidedEdit(w_plus=out, probability=p, reached=p >= threshold, step_norm=step.flatten(1).norm(dim=1))
 
 
+def _target_probs(logits: Mapping[str, torch.Tensor], value_idx: Mapping[str, int]) -> torch.Tensor:
+    """Each target value's probability [B, T]."""
+    return torch.stack([F.softmax(logits[a], 1)[:, i] for a, i in value_idx.items()], 1)
+
+
 def _optimise(classifier: LatentAttributeClassifier, w0: torch.Tensor, mask: torch.Tensor, value_idx: dict[str, int], *,
               threshold: float, steps: int, lr: float, keep_weight: float, l2: float,
               growth: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,13 +356,10 @@ def _optimise(classifier: LatentAttributeClassifier, w0: torch.Tensor, mask: tor
     opt = torch.optim.Adam([delta], lr=lr)
     weight = torch.ones(w0.shape[0], device=w0.device)  # the push on each latent
 
-    def target_probs(logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([F.softmax(logits[a], 1)[:, i] for a, i in value_idx.items()], 1)  # [B, T]
-
     with torch.enable_grad():
         for _ in range(steps):
             logits = classifier(w0 + delta * mask)
-            p = target_probs(logits)
+            p = _target_probs(logits, value_idx)
             if bool((p >= threshold).all()):
                 break
             below = (p < threshold).float()
@@ -372,7 +373,7 @@ def _optimise(classifier: LatentAttributeClassifier, w0: torch.Tensor, mask: tor
             opt.step()
     with torch.no_grad():
         out = w0 + delta.detach() * mask
-        return out, target_probs(classifier(out)).min(1).values
+        return out, _target_probs(classifier(out), value_idx).min(1).values
 
 
 class MinedEdits(NamedTuple):
