@@ -6,15 +6,28 @@ script, trains a :class:`~models.stylegan2.sketch_encoder.SketchEncoder` (the st
 and partial sketches. For a partial sketch the target is still the latent of the *finished*
 portrait, so an unfinished drawing maps to a plausible finished one:
 
-    loss = align_weight   * ||S(sketch)[:k] - w_target[:k]||^2 / var(w)          (feature alignment)
-         + pixel_weight   * ||G(w_mix) - x||^2                                   (image reconstruction)
-         + feature_weight * d_evaluator(G(w_mix), x)                             (perceptual, LPIPS stand-in)
+    loss = align_weight       * ||S(sketch)[:k] - w_target[:k]||^2 / var(w)      (feature alignment)
+         + align_image_weight * d(G([S(sketch)[:k], c[k:]]), G([w_target[:k], c[k:]]))
+                                                                  (alignment in image space, random colours c)
+         + pixel_weight       * ||G(w_mix) - x||^2                               (image reconstruction)
+         + feature_weight     * d_evaluator(G(w_mix), x)                         (perceptual, LPIPS stand-in)
     w_mix = [S(sketch)[:k], w_target[k:]]   (image_mix_fine; else S(sketch) on all layers)
 
 where ``k = structure_layers``, the leading ws that carry structure (stroke-level
-disentanglement); the fine ws stay the target's in the image terms, as the pipeline later takes
-them from a colour seed or a reference. ``align_weight=0`` trains the same student with the image
-terms only: the baseline that shows what the alignment brings.
+disentanglement), and ``d`` is the pixel plus the perceptual distance. The fine ws stay the
+target's in the reconstruction terms. The pipeline later takes them from a colour seed or a
+reference, and at a low resolution the fine ws also carry part of the structure (thin glasses
+rims, the mouth): a student trained with the target's own fine ws learns to lean on them, and
+loses glasses and expression under other colours. The image-space alignment renders the
+student's structure and the teacher's with the *same random colour latent*, as the pipeline's
+colour seed does, so the structure must hold under any colours. ``align_weight=0`` and
+``align_image_weight=0`` train the same student with the reconstruction terms only: the baseline
+that shows what the alignment brings.
+
+An unfinished sketch has many finished portraits: a regression onto them lands on their mean. In
+W that mean is still a portrait; in image space it is a blend (a smudge where glasses may or may
+not be). ``image_terms_partial=False`` keeps the image terms to the complete sketches of a batch
+and leaves the unfinished ones to the latent alignment alone.
 
 Two sources of (sketch, target) pairs, both rendered once into a pool (a CPU saver):
 
@@ -122,6 +135,9 @@ class SketchEncoderTrainConfig:
     feature_weight: float = 1.0
     image_loss_every: int = 4  # image terms every N steps; 0 = alignment only
     image_mix_fine: bool = True  # image terms render the target's fine ws (colours) with the student's structure
+    align_image_weight: float = 0.0  # teacher alignment in image space under random colours (see the docstring)
+    colour_truncation_min: float = 0.5  # random colour latents: psi drawn from [colour_truncation_min, 1]
+    image_terms_partial: bool = True  # False: image terms on the complete sketches of a batch only (see docstring)
 
     # logging, samples, checkpoints
     log_every: int = 50
@@ -148,7 +164,8 @@ class SketchEncoderTrainConfig:
             raise ValueError(f"align_target must be 'teacher' or 'sampled', got {self.align_target!r}")
         if self.world_split not in ("train", "heldout", "any"):
             raise ValueError(f"world_split must be 'train', 'heldout' or 'any', got {self.world_split!r}")
-        for name in ("align_weight", "pixel_weight", "feature_weight", "jitter", "drop_prob", "extra_prob"):
+        for name in ("align_weight", "align_image_weight", "pixel_weight", "feature_weight", "jitter", "drop_prob",
+                     "extra_prob"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.image_loss_every < 0:
@@ -168,6 +185,10 @@ class SketchEncoderTrainConfig:
             raise ValueError(f"need 0 < width_min <= width_max, got {self.width_min}, {self.width_max}")
         if not 0 <= self.truncation_min <= 1:
             raise ValueError(f"truncation_min must be in [0, 1], got {self.truncation_min}")
+        if not 0 <= self.colour_truncation_min <= 1:
+            raise ValueError(f"colour_truncation_min must be in [0, 1], got {self.colour_truncation_min}")
+        if self.align_image_weight > 0 and self.image_loss_every == 0:
+            raise ValueError("align_image_weight is an image term: pass --image_loss_every >= 1")
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
             raise ValueError(f"max_train_minutes must be positive, got {self.max_train_minutes}")
         if self.structure_layers is not None and self.structure_layers < 1:
@@ -325,16 +346,37 @@ def _mix(w_student: torch.Tensor, w_target: torch.Tensor, k: int, mix_fine: bool
 
 def _losses(student: SketchEncoder, G: Generator, sketches: torch.Tensor, w_target: torch.Tensor,
             targets: torch.Tensor | None, perceptual: EvaluatorPerceptualLoss | None,
-            config: SketchEncoderTrainConfig, k: int, w_var: float) -> dict[str, torch.Tensor]:
-    """The loss terms of one batch (means over the batch); image terms when ``targets`` is given."""
+            config: SketchEncoderTrainConfig, k: int, w_var: float,
+            colours: torch.Tensor | None = None, image_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch (means over the batch); image terms when ``targets`` is given,
+    and the image-space alignment when ``colours`` (random W+ latents ``[B, num_ws, w_dim]``) is.
+    ``image_rows`` (bool ``[B]``) limits the image terms to those rows."""
     w_hat = student(sketches)  # [B, num_ws, w_dim]
     terms = {"align": (w_hat[:, :k] - w_target[:, :k]).square().mean() / w_var}
+    if image_rows is not None:
+        if not bool(image_rows.any()):
+            targets = colours = None
+        else:
+            w_hat, w_target = w_hat[image_rows], w_target[image_rows]
+            targets = targets[image_rows] if targets is not None else None
+            colours = colours[image_rows] if colours is not None else None
     if targets is not None:
         recon = synthesize(G, _mix(w_hat, w_target, k, config.image_mix_fine))
         terms["pixel"] = reconstruction_error(recon, targets).mean()
-        if perceptual is not None:
+        if perceptual is not None and config.feature_weight > 0:
             terms["feature"] = perceptual(recon, targets).mean()
-    weights = {"align": config.align_weight, "pixel": config.pixel_weight, "feature": config.feature_weight}
+    if colours is not None:
+        # the student's structure and the teacher's, each under the same random colours (as the
+        # pipeline's colour seed puts them), must give the same portrait
+        with torch.no_grad():
+            aligned = synthesize(G, _mix(w_target, colours, k, True))
+        recoloured = synthesize(G, _mix(w_hat, colours, k, True))
+        distance = reconstruction_error(recoloured, aligned)
+        if perceptual is not None:
+            distance = distance + perceptual(recoloured, aligned)
+        terms["align_image"] = distance.mean()
+    weights = {"align": config.align_weight, "pixel": config.pixel_weight, "feature": config.feature_weight,
+               "align_image": config.align_image_weight}
     terms["loss"] = sum(weights[name] * v for name, v in terms.items())
     return terms
 
@@ -366,16 +408,21 @@ def _figures(student: SketchEncoder, G: Generator, eval_set: dict[str, Any], eva
     evaluator, FD-world to random samples and (world) the structural attributes found again."""
     figures: dict[str, float] = {}
     outputs = {}
+    # the pipeline's way: colours of seeded latents at psi 0.7 instead of the target's fine ws
+    n = eval_set["w_target"].shape[0]
+    z = torch.randn([n, G.z_dim], generator=torch.Generator(w_avg.device).manual_seed(seed + 13), device=w_avg.device)
+    colours = w_avg + 0.7 * (G.mapping(z, torch.zeros([n, G.c_dim], device=w_avg.device),
+                                       skip_w_avg_update=True) - w_avg)
     for key in ("complete", "partial50"):
         w_hat, images = _outputs(student, G, eval_set[key].to(w_avg.device), eval_set["w_target"], k)
         outputs[key] = images
+        outputs[f"{key}_seeded"] = torch.cat([synthesize(G, w) for w in _mix(w_hat, colours, k, True).split(64)])
         figures[f"latent_error_{key}"] = float((w_hat[:, :k] - eval_set["w_target"][:, :k]).square().mean() / w_var)
         figures[f"image_mse_{key}"] = float(reconstruction_error(images, eval_set["images"]).mean())
     if evaluator is not None and G.img_channels == 3:
         from pipelines.evaluation import frechet_distance
 
         gen = torch.Generator(w_avg.device).manual_seed(seed + 11)
-        n = eval_set["images"].shape[0]
         w_random = sample_training_latents(G, n, w_avg, truncation_min=1.0, style_mixing=0.0, generator=gen)
         random_images = torch.cat([synthesize(G, w) for w in w_random.split(64)])
         if n >= 4:
@@ -385,13 +432,15 @@ def _figures(student: SketchEncoder, G: Generator, eval_set: dict[str, Any], eva
             figures["fd_complete_vs_samples"] = fd["complete"]
             figures["fd_partial50_vs_samples"] = fd["partial50"]
             figures["partial_fd_ratio"] = fd["partial50"] / max(fd["complete"], 1e-9)
+            figures["fd_partial50_seeded_vs_samples"] = fd["partial50_seeded"]
         if labels is not None:
+            names = {"complete": "complete_sketch_attr_match", "partial50": "partial50_attr_match"}
             for key in outputs:
                 found = read_attributes(evaluator, outputs[key])
                 pairs = [(f[a], lab[a]) for f, lab in zip(found, labels) for a in STRUCTURE_ATTRIBUTES if a in f]
                 if pairs:
-                    name = "complete_sketch_attr_match" if key == "complete" else "partial50_attr_match"
-                    figures[name] = float(np.mean([p == t for p, t in pairs]))
+                    base, _, seeded = key.partition("_")
+                    figures[names[base] + ("_seeded" if seeded else "")] = float(np.mean([p == t for p, t in pairs]))
     return figures
 
 
@@ -425,7 +474,8 @@ def train(config: SketchEncoderTrainConfig, progress: Progress | None = None) ->
                 raise ValueError(f"the teacher predicts [{teacher.num_ws}, {teacher.w_dim}] latents, the generator "
                                  f"takes [{G.num_ws}, {G.w_dim}]: it was trained for another generator")
         evaluator = Evaluator.from_pretrained(config.evaluator, device=device) if config.has_evaluator else None
-        perceptual = EvaluatorPerceptualLoss(evaluator) if evaluator is not None and config.feature_weight > 0 else None
+        perceptual = (EvaluatorPerceptualLoss(evaluator) if evaluator is not None
+                      and (config.feature_weight > 0 or config.align_image_weight > 0) else None)
         if config.source == "world" and G.img_channels != 3:
             raise ValueError(f"source 'world' renders colour portraits; this generator makes {G.img_channels}-channel "
                              "images: use --source generator")
@@ -494,10 +544,17 @@ def train(config: SketchEncoderTrainConfig, progress: Progress | None = None) ->
             sketches = make_sketches(pool, index, fractions, rng, config, size, augment=config.augment).to(device)
             w_target = pool.w_target[torch.as_tensor(index)]
             image_terms = config.image_loss_every > 0 and step % config.image_loss_every == 0
-            targets = pool.image_batch(index, device) if image_terms else None
+            reconstruct = image_terms and (config.pixel_weight > 0 or config.feature_weight > 0)
+            targets = pool.image_batch(index, device) if reconstruct else None
+            colours = None
+            if image_terms and config.align_image_weight > 0:
+                colours = sample_training_latents(
+                    G, config.batch, w_avg, truncation_min=config.colour_truncation_min, style_mixing=0.0,
+                    generator=torch.Generator(device).manual_seed(config.seed * 1_000_003 + step))
 
             # 6b. Loss and update.
-            terms = _losses(student, G, sketches, w_target, targets, perceptual, config, k, w_var)
+            image_rows = None if config.image_terms_partial else torch.as_tensor(~partial, device=device)
+            terms = _losses(student, G, sketches, w_target, targets, perceptual, config, k, w_var, colours, image_rows)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()

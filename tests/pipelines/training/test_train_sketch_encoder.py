@@ -125,6 +125,55 @@ def test_alignment_moves_only_structure_layers(assets):
     assert (per_layer[:2] > 0).all() and (per_layer[2:] == 0).all()
 
 
+def test_image_alignment_under_random_colours(assets):
+    """The image-space alignment renders the student's structure and the teacher's with the same
+    colours: zero when the structure ws agree, whatever the student's fine ws; its gradient reaches
+    the structure ws only; ``image_rows`` keeps the image terms to the complete sketches."""
+    from pipelines.stylegan_io import load_generator
+
+    G = load_generator(assets / "G")
+    k = 2
+    w_target = torch.randn(3, G.num_ws, G.w_dim)
+    colours = torch.randn(3, G.num_ws, G.w_dim)
+    cfg = SketchEncoderTrainConfig(align_weight=0.0, pixel_weight=0.0, feature_weight=0.0, align_image_weight=1.0)
+
+    class Fixed(torch.nn.Module):
+        structure_layers = k
+
+        def __init__(self, w):
+            super().__init__()
+            self.w = w
+
+        def forward(self, x):
+            return self.w
+
+    same = torch.cat([w_target[:, :k], torch.randn(3, G.num_ws - k, G.w_dim)], 1)  # other fine ws
+    terms = _losses(Fixed(same), G, torch.ones(3, 1, 16, 16), w_target, None, None, cfg, k, 1.0, colours)
+    assert float(terms["align_image"]) < 1e-10 and float(terms["loss"]) < 1e-10
+
+    w_hat = torch.randn(3, G.num_ws, G.w_dim, requires_grad=True)
+    rows = torch.tensor([True, False, True])
+    terms = _losses(Fixed(w_hat), G, torch.ones(3, 1, 16, 16), w_target, None, None, cfg, k, 1.0, colours, rows)
+    assert float(terms["align_image"]) > 0
+    terms["loss"].backward()
+    grad = w_hat.grad.abs().sum(2)  # [B, num_ws]
+    assert (grad[[0, 2], :k] > 0).all() and (grad[:, k:] == 0).all() and (grad[1] == 0).all()
+
+    none = _losses(Fixed(w_hat), G, torch.ones(3, 1, 16, 16), w_target, None, None, cfg, k, 1.0, colours,
+                   torch.zeros(3, dtype=torch.bool))
+    assert "align_image" not in none
+
+
+def test_image_alignment_run_logs_the_term_and_seeded_figures(tmp_path, assets):
+    train(_config(tmp_path, assets, align_image_weight=1.0, image_loss_every=1, steps=3, sample_every=3,
+                  image_terms_partial=False, partial_prob=0.5))
+    rows = _rows(tmp_path / "run")
+    assert any("align_image" in r for r in rows if "loss" in r)
+    figures = rows[-1]
+    for name in ("complete_sketch_attr_match_seeded", "partial50_attr_match_seeded", "fd_partial50_seeded_vs_samples"):
+        assert name in figures and np.isfinite(figures[name]), name
+
+
 def test_generator_source_with_xdog_sketches(tmp_path, assets):
     folder = train(_config(tmp_path, assets, source="generator", edge_method="xdog", steps=3, sample_every=3,
                            align_target="sampled", teacher="none"))
@@ -138,7 +187,9 @@ def test_bad_configs_are_refused_before_work(tmp_path, assets):
                         (dict(teacher="none"), "needs the stage-1 image encoder"),
                         (dict(generator=str(tmp_path / "nope")), "does not exist"),
                         (dict(align_weight=0.0, image_loss_every=0), "nothing to train"),
-                        (dict(partial_min=0.0), "partial_min")]:
+                        (dict(partial_min=0.0), "partial_min"),
+                        (dict(align_image_weight=1.0, image_loss_every=0), "align_image_weight"),
+                        (dict(colour_truncation_min=1.5), "colour_truncation_min")]:
         with pytest.raises(ValueError, match=match):
             train(_config(tmp_path, assets, **over))
     assert not (tmp_path / "run").exists()
