@@ -10,6 +10,8 @@
   glasses, expression, accessory) the evaluator finds in the output as in the source portrait;
 - partial_fd_ratio: FD-world(outputs from 50 %-complete sketches, real) / FD-world(random
   samples, real);
+- colour_basis_dims: the colours carried into the structure ws (0: ``--no_colour_transfer`` or a
+  generator folder without directions);
 - alignment_gain: the same figures for a student trained without teacher alignment
   (``--baseline``), on the 50 % sketches: partial attribute match and FD, both reported.
 """
@@ -27,12 +29,12 @@ from benchmarks.common import parser, write
 from pipelines.data.portrait_world import PortraitWorld
 from pipelines.evaluation import EMBEDDED_EVALUATOR, Evaluator, frechet_distance
 from pipelines.sketch_data import partial_strokes, render_strokes
-from pipelines.sketch_to_image import SketchToImagePipeline, load_sketch_encoder
+from pipelines.sketch_to_image import STRUCTURE_ATTRIBUTES as STRUCTURE
+from pipelines.sketch_to_image import SketchToImagePipeline, load_colour_basis, load_sketch_encoder
 from pipelines.stylegan_editing import sample_w
 from pipelines.stylegan_io import load_generator
 
 ROOT = Path(__file__).resolve().parent.parent
-STRUCTURE = ("hair_style", "bangs", "glasses", "expression", "accessory")
 
 
 def held_out_portraits(n: int, seed: int = 9_000_000):
@@ -73,6 +75,8 @@ def main() -> None:
     p.add_argument("--baseline", default=None, help="a sketch encoder trained without alignment")
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--latency_portraits", type=int, default=5)
+    p.add_argument("--no_colour_transfer", action="store_true",
+                   help="leave the structure ws as the encoder made them (no colour basis)")
     args = p.parse_args()
     torch.set_num_threads(2)
     device = args.device
@@ -80,7 +84,9 @@ def main() -> None:
     G = load_generator(args.generator, device=device)
     evaluator = Evaluator.from_pretrained(EMBEDDED_EVALUATOR, device=device)
     enc_path = args.sketch_encoder or str(Path(args.generator) / "sketch_encoder")
-    pipe = SketchToImagePipeline(G, load_sketch_encoder(enc_path, device=device), evaluator=evaluator)
+    basis = None if args.no_colour_transfer else load_colour_basis(args.generator)
+    pipe = SketchToImagePipeline(G, load_sketch_encoder(enc_path, device=device), evaluator=evaluator,
+                                 colour_basis=basis)
     portraits = held_out_portraits(args.images)
     complete = [p.line_art for p in portraits]
     half = [render_strokes(partial_strokes(p.strokes, 0.5), size=256) for p in portraits]
@@ -103,8 +109,10 @@ def main() -> None:
     figures["fd_world_partial_outputs"] = frechet_distance(evaluator.features(out_half), evaluator.features(real))
     figures["partial_fd_ratio"] = figures["fd_world_partial_outputs"] / fd_random
     figures["held_out_portraits"] = args.images
+    figures["colour_basis_dims"] = 0 if basis is None else int(basis.shape[1])
     if args.baseline:
-        base = SketchToImagePipeline(G, load_sketch_encoder(args.baseline, device=device), evaluator=evaluator)
+        base = SketchToImagePipeline(G, load_sketch_encoder(args.baseline, device=device), evaluator=evaluator,
+                                     colour_basis=basis)
         base_half = outputs_for(base, half)
         figures["baseline_partial_sketch_attr_match"] = attr_match(evaluator, base_half, portraits)
         figures["baseline_complete_sketch_attr_match"] = attr_match(evaluator, outputs_for(base, complete), portraits)

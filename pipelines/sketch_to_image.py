@@ -6,6 +6,14 @@ decides the leading ws (structure: face, hair style, eyes, glasses, accessories)
 from a reference (a W+ code, or an image inverted by an optional image encoder). Each stroke is one
 encoder pass and one synthesis pass.
 
+At a low resolution the structure ws also carry colour (in the embedded 64-px generator, skin tone
+and most of the hair colour sit in the same ws as the hair style). A sketch cannot say which skin
+tone it means, so the encoder predicts the mean one. Where the generator folder holds InterFaceGAN
+directions (``fit_stylegan_edits``), the pipeline moves the structure ws to the candidate's colours
+within the span of the colour directions (hair colour, skin tone), with the structure directions
+projected out of that span (:func:`colour_basis`), so each colour seed gives its own skin tone and
+hair colour while the strokes keep the shape.
+
 The sketch encoder is trained by ``python -m pipelines.training.train_sketch_encoder``; it is saved
 as ``model.safetensors`` + ``config.json`` (:func:`save_sketch_encoder`).
 """
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +38,13 @@ from pipelines.sketch_data import EMPTY_NOTE, is_empty_sketch, to_sketch
 from pipelines.stylegan_inversion import synthesize
 
 __all__ = [
+    "COLOUR_ATTRIBUTES",
     "SKETCH_ENCODER_ARCHITECTURE",
+    "STRUCTURE_ATTRIBUTES",
     "SketchToImageOutput",
     "SketchToImagePipeline",
+    "colour_basis",
+    "load_colour_basis",
     "load_sketch_encoder",
     "read_attributes",
     "save_sketch_encoder",
@@ -40,6 +52,9 @@ __all__ = [
 ]
 
 SKETCH_ENCODER_ARCHITECTURE = "stylegan2-sketch-encoder"
+# portrait-world attributes a sketch decides, and the colours a seed decides that live in structure ws
+STRUCTURE_ATTRIBUTES = ("hair_style", "bangs", "glasses", "expression", "accessory")
+COLOUR_ATTRIBUTES = ("hair_color", "skin_tone")
 Callback = Callable[[int, int, "Image.Image | None"], None]
 
 
@@ -91,6 +106,37 @@ def read_attributes(evaluator: Any, images: torch.Tensor) -> list[dict[str, str]
     return [{n: ATTRIBUTES[n][int(res[n][i])] for n in names} for i in range(images.shape[0])]
 
 
+def colour_basis(directions: Mapping[str, Any], *, colours: Sequence[str] = COLOUR_ATTRIBUTES,
+                 structure: Sequence[str] = STRUCTURE_ATTRIBUTES) -> torch.Tensor | None:
+    """An orthonormal basis ``[w_dim, m]`` of the span of the colour directions (``'hair_color=red'``
+    ...) with the span of the structure directions projected out of it; None when ``directions``
+    (name -> :class:`~pipelines.stylegan_editing.Direction`) holds no colour direction."""
+    def stack(attributes: Sequence[str]) -> torch.Tensor | None:
+        vectors = [d.vector.float().cpu() for name, d in directions.items() if name.split("=")[0] in attributes]
+        return torch.stack(vectors) if vectors else None
+
+    colour = stack(colours)
+    if colour is None:
+        return None
+    shape = stack(structure)
+    if shape is not None:
+        q, _ = torch.linalg.qr(shape.T)  # [w_dim, s]
+        colour = colour - (colour @ q) @ q.T
+    u, sv, _ = torch.linalg.svd(colour.T, full_matrices=False)  # [w_dim, c]
+    keep = sv > 1e-4 * sv.max()
+    return u[:, keep].contiguous() if bool(keep.any()) else None
+
+
+def load_colour_basis(generator_folder: str | os.PathLike[str]) -> torch.Tensor | None:
+    """:func:`colour_basis` of ``<generator_folder>/directions``; None where there are none."""
+    from pipelines.stylegan_editing import load_directions
+
+    folder = Path(generator_folder) / "directions"
+    if not folder.is_dir():
+        return None
+    return colour_basis(load_directions(folder))
+
+
 # ---------------------------------------------------------------------------------------------
 # Pipeline
 # ---------------------------------------------------------------------------------------------
@@ -117,19 +163,24 @@ class SketchToImagePipeline:
     """A sketch -> ``num_candidates`` portraits of a StyleGAN2 generator (AniFaceDrawing).
 
     Components: the generator ``G``, the :class:`SketchEncoder` trained for it, optionally an
-    ``image_encoder`` (to take colours from a reference image) and an ``evaluator`` (to name what
-    each portrait shows).
+    ``image_encoder`` (to take colours from a reference image), an ``evaluator`` (to name what
+    each portrait shows) and a ``colour_basis`` ``[w_dim, m]`` (:func:`colour_basis`: the colours
+    that live in the structure ws follow each candidate's colours).
     """
 
     def __init__(self, G: Generator, sketch_encoder: SketchEncoder, *, evaluator: Any = None,
-                 image_encoder: StyleGANEncoder | None = None) -> None:
+                 image_encoder: StyleGANEncoder | None = None, colour_basis: torch.Tensor | None = None) -> None:
         if (sketch_encoder.num_ws, sketch_encoder.w_dim) != (G.num_ws, G.w_dim):
             raise ValueError(f"the sketch encoder predicts [{sketch_encoder.num_ws}, {sketch_encoder.w_dim}] latents, "
                              f"the generator takes [{G.num_ws}, {G.w_dim}]: it was trained for another generator")
         if image_encoder is not None and (image_encoder.num_ws, image_encoder.w_dim) != (G.num_ws, G.w_dim):
             raise ValueError("the image encoder was trained for another generator")
+        if colour_basis is not None and (colour_basis.ndim != 2 or colour_basis.shape[0] != G.w_dim):
+            raise ValueError(f"colour_basis must be [{G.w_dim}, m], got {tuple(colour_basis.shape)}")
         self.G = G.eval()
         self.sketch_encoder = sketch_encoder.eval()
+        device = next(G.parameters()).device
+        self.colour_basis = colour_basis.to(device, torch.float32) if colour_basis is not None else None
         self.image_encoder = image_encoder.eval() if image_encoder is not None else None
         self.evaluator = evaluator
 
@@ -139,7 +190,8 @@ class SketchToImagePipeline:
                         evaluator_path: str | os.PathLike[str] | None = None,
                         device: str | torch.device = "cpu") -> "SketchToImagePipeline":
         """Load the generator (studio folder or official .pkl), the sketch encoder and, optionally,
-        an image encoder (for reference images) and the evaluator."""
+        an image encoder (for reference images) and the evaluator; a generator folder's
+        InterFaceGAN directions give the colour basis."""
         from pipelines.evaluation import Evaluator
         from pipelines.stylegan_inversion import load_encoder
         from pipelines.stylegan_io import load_generator
@@ -148,7 +200,8 @@ class SketchToImagePipeline:
         sketch_encoder = load_sketch_encoder(sketch_encoder_path, device=device)
         image_encoder = load_encoder(image_encoder_path, device=device) if image_encoder_path is not None else None
         evaluator = Evaluator.from_pretrained(evaluator_path, device=device) if evaluator_path is not None else None
-        return cls(G, sketch_encoder, evaluator=evaluator, image_encoder=image_encoder)
+        basis = load_colour_basis(generator_path) if Path(generator_path).is_dir() else None
+        return cls(G, sketch_encoder, evaluator=evaluator, image_encoder=image_encoder, colour_basis=basis)
 
     @property
     def device(self) -> torch.device:
@@ -184,10 +237,12 @@ class SketchToImagePipeline:
         reference_image: Image.Image | None = None,  # colours from this image (needs an image encoder)
         mix_from_layer: int | None = None,  # first w taken from the colours; None = the encoder's structure_layers
         truncation_psi: float = 0.7,  # of the seeded colour latents
+        transfer_colours: bool = True,  # with a colour basis: the structure ws take the candidate's colours
         callback: Callback | None = None,
     ) -> SketchToImageOutput:
         """Portraits that follow ``sketch``: W+ from the sketch for ws ``[0, mix_from_layer)``,
-        colours and fine style from seeds or a reference for the rest.
+        colours and fine style from seeds or a reference for the rest (and, with a colour basis,
+        the colours that live in the leading ws: ``transfer_colours``).
 
         An empty canvas (``None``, blank, or no strokes) is not an error: the result holds the
         portraits of the mean structure (``G.mapping.w_avg`` on the leading ws) with each
@@ -257,7 +312,11 @@ class SketchToImagePipeline:
         else:
             seeds = [int(colour_seed) + i for i in range(num_candidates)]
             colours = self.colour_latents(seeds, truncation_psi=truncation_psi)
-        w_plus = torch.cat([structure[:, :k].expand(num_candidates, -1, -1), colours[:, k:]], dim=1)
+        shape = structure[:, :k].expand(num_candidates, -1, -1)
+        if transfer_colours and self.colour_basis is not None:
+            q = self.colour_basis
+            shape = shape + ((colours[:, :k] - shape) @ q) @ q.T
+        w_plus = torch.cat([shape, colours[:, k:]], dim=1)
         timings["colour"] = time.perf_counter() - t0
 
         # 5. Synthesis.

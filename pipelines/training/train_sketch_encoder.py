@@ -71,7 +71,7 @@ from pipelines.device import select_device
 from pipelines.images import make_grid, tensor_to_pil
 from pipelines.sketch_data import EDGE_METHODS, augment_strokes, erase_sketch, extract_sketch, partial_strokes, \
     render_strokes
-from pipelines.sketch_to_image import read_attributes, save_sketch_encoder
+from pipelines.sketch_to_image import STRUCTURE_ATTRIBUTES, read_attributes, save_sketch_encoder
 from pipelines.stylegan_inversion import EvaluatorPerceptualLoss, reconstruction_error, synthesize, w_statistics
 from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config, restore_rng_state,
                                      seed_everything)
@@ -81,8 +81,6 @@ __all__ = ["SketchEncoderTrainConfig", "SketchPool", "STRUCTURE_ATTRIBUTES", "bu
 
 Progress = Callable[[int, int, Optional[Image.Image]], None]
 
-# attributes a sketch decides (the colours are left to the seed): complete_sketch_attr_match reads these
-STRUCTURE_ATTRIBUTES = ("hair_style", "bangs", "glasses", "expression", "accessory")
 _EVAL_SEED_OFFSET = 1_000_000  # world seeds of the held-out portraits, after any pool's
 
 

@@ -46,7 +46,7 @@ class PipelineCache:
         self._lock = threading.Lock()
 
     def get(self, name: str):
-        from pipelines.sketch_to_image import SketchToImagePipeline, load_sketch_encoder
+        from pipelines.sketch_to_image import SketchToImagePipeline, load_colour_basis, load_sketch_encoder
         from pipelines.stylegan_inversion import load_encoder
 
         if not name:
@@ -62,7 +62,7 @@ class PipelineCache:
                     evaluator = self.registry.get(self.registry.names("evaluator")[0])
                 self._pipes[name] = SketchToImagePipeline(
                     G, load_sketch_encoder(folder / "sketch_encoder", device=device), evaluator=evaluator,
-                    image_encoder=image_encoder)
+                    image_encoder=image_encoder, colour_basis=load_colour_basis(folder))
             return self._pipes[name]
 
 

@@ -166,3 +166,47 @@ def test_save_load_from_pretrained(tmp_path, drawing):
                       mapping_kwargs={"num_layers": 2}, synthesis_kwargs={"channel_base": 256, "channel_max": 16})
     with pytest.raises(ValueError, match="another generator"):
         SketchToImagePipeline(other, enc)
+
+
+def test_colour_basis_spans_the_colour_directions_without_the_structure_ones(tmp_path):
+    from pipelines.sketch_to_image import colour_basis, load_colour_basis
+    from pipelines.stylegan_editing import Direction, save_directions
+
+    torch.manual_seed(3)
+    dirs = {name: Direction(name=name, vector=torch.nn.functional.normalize(torch.randn(16), dim=0))
+            for name in ("hair_color=red", "hair_color=blue", "skin_tone=dark", "glasses=yes", "hair_style=bob",
+                         "background=sky")}
+    q = colour_basis(dirs)
+    assert q.shape == (16, 3)  # two hair colours and one skin tone; the background is left to the fine ws
+    assert torch.allclose(q.T @ q, torch.eye(3), atol=1e-5)
+    for name in ("glasses=yes", "hair_style=bob"):  # moving within the basis leaves the structure directions
+        assert (dirs[name].vector @ q).abs().max() < 1e-5
+    red = dirs["hair_color=red"].vector
+    assert (red @ q).norm() > 0.5  # most of a colour direction stays in the span
+    assert colour_basis({k: v for k, v in dirs.items() if not k.startswith(("hair_color", "skin"))}) is None
+
+    save_directions(dirs, tmp_path / "G" / "directions")
+    assert torch.allclose(load_colour_basis(tmp_path / "G"), q)
+    assert load_colour_basis(tmp_path / "other") is None
+
+
+def test_colour_transfer_moves_structure_ws_only_within_the_basis():
+    G = _generator()
+    enc = _sketch_encoder(G)
+    q, _ = torch.linalg.qr(torch.randn(16, 3, generator=torch.Generator().manual_seed(4)))
+    sketch = Image.new("L", (64, 64), 255)
+    ImageDraw.Draw(sketch).ellipse((12, 8, 52, 58), outline=0, width=2)
+    plain = SketchToImagePipeline(G, enc)(sketch=sketch, num_candidates=3, colour_seed=5)
+    pipe = SketchToImagePipeline(G, enc, colour_basis=q)
+    out = pipe(sketch=sketch, num_candidates=3, colour_seed=5)
+    k = enc.structure_layers
+    moved = out.w_plus[:, :k] - plain.w_plus[:, :k]
+    assert moved.abs().max() > 1e-3  # the candidates' colours reach the structure ws ...
+    assert torch.allclose(moved - (moved @ q) @ q.T, torch.zeros_like(moved), atol=1e-5)  # ... in the span only
+    colours = pipe.colour_latents([5, 6, 7])
+    assert torch.allclose(out.w_plus[:, :k] @ q, colours[:, :k] @ q, atol=1e-5)  # the span is the seed's
+    assert torch.equal(out.w_plus[:, k:], plain.w_plus[:, k:])
+    off = pipe(sketch=sketch, num_candidates=3, colour_seed=5, transfer_colours=False)
+    assert torch.equal(off.w_plus, plain.w_plus)
+    with pytest.raises(ValueError, match="colour_basis"):
+        SketchToImagePipeline(G, enc, colour_basis=torch.zeros(8, 2))
