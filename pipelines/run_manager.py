@@ -105,8 +105,10 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
         config="pipelines.training.train_sketch_encoder:SketchEncoderTrainConfig", produces="sketch_encoder",
         export="sketch_encoder", steps_field="steps", base_field="generator",
         presets={
-            "quick demo": dict(steps=100, batch=8, pool_size=256, log_every=10, sample_every=50, checkpoint_every=50),
-            "standard": dict(steps=3000, batch=16, pool_size=2000, checkpoint_every=250),
+            "quick demo": dict(steps=100, batch=8, pool_size=256, channel_base=1024, channel_max=64, log_every=10,
+                               sample_every=50, checkpoint_every=50),
+            "standard": dict(steps=3000, batch=16, pool_size=2000, channel_base=2048, channel_max=128,
+                             checkpoint_every=250),
         }),
     MethodSpec(
         key="clip", label="CLIP (contrastive, open_clip)", module="pipelines.training.train_clip",

@@ -14,6 +14,11 @@ within the span of the colour directions (hair colour, skin tone), with the stru
 projected out of that span (:func:`colour_basis`), so each colour seed gives its own skin tone and
 hair colour while the strokes keep the shape.
 
+A sketch encoder with a completion code (``completion_dim > 0``, a conditional VAE) finishes an
+unfinished sketch in more than one way: each candidate draws its own code from its seed
+(:meth:`SketchToImagePipeline.completion_codes`), so the candidates of a half-drawn face differ in
+what is not drawn yet (hair, glasses, accessories); with a reference the code is zero.
+
 The sketch encoder is trained by ``python -m pipelines.training.train_sketch_encoder``; it is saved
 as ``model.safetensors`` + ``config.json`` (:func:`save_sketch_encoder`).
 """
@@ -225,6 +230,16 @@ class SketchToImagePipeline:
         c = torch.zeros([len(seeds), self.G.c_dim], device=self.device)
         return self.G.mapping(zs, c, truncation_psi=truncation_psi, skip_w_avg_update=True)
 
+    @property
+    def completion_dim(self) -> int:
+        """Size of the sketch encoder's completion code (0: one finished portrait per sketch)."""
+        return int(getattr(self.sketch_encoder, "completion_dim", 0))
+
+    def completion_codes(self, seeds: Sequence[int]) -> torch.Tensor:
+        """``[N, completion_dim]``: one N(0, I) code per seed, drawn apart from the colour latent's z."""
+        return torch.stack([torch.randn([self.completion_dim], generator=torch.Generator().manual_seed(2**40 + int(s)))
+                            for s in seeds]).to(self.device)
+
     # -- running ----------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -288,13 +303,17 @@ class SketchToImagePipeline:
             notes = [EMPTY_NOTE]
         timings["prepare"] = time.perf_counter() - t_start
 
-        # 3. Structure: the sketch encoder's leading ws (or w_avg for an empty canvas).
+        # 3. Structure: the sketch encoder's leading ws (or w_avg for an empty canvas); an encoder
+        # with a completion code finishes the sketch once per candidate (its own seed each).
         t0 = time.perf_counter()
         if empty:
             structure = self.G.mapping.w_avg.to(device, torch.float32)[None, None].expand(1, num_ws, -1)
         else:
             x = sketch_to_tensor(prepared, self.sketch_encoder.input_resolution).to(device)
-            structure = self.sketch_encoder(x).float()  # [1, num_ws, w_dim]
+            z = None
+            if self.completion_dim and reference is None and reference_image is None:
+                z = self.completion_codes([int(colour_seed) + i for i in range(num_candidates)])
+            structure = self.sketch_encoder(x, z=z).float() if z is not None else self.sketch_encoder(x).float()
         timings["encode"] = time.perf_counter() - t0
 
         # 4. Colours: a reference (W+ or inverted image), else one seeded latent per candidate.

@@ -166,8 +166,13 @@ class StyleGANEncoder(nn.Module):
         """``w_plus [B, num_ws, w_dim]`` (and ``deltas [B, num_ws - 1, w_dim]`` when asked)."""
         if images.ndim != 4:
             raise ValueError(f"images must be [B, C, H, W], got {tuple(images.shape)}")
-        levels = self.pyramid(images)
-        raw = torch.empty(images.shape[0], self.num_ws, self.w_dim, device=images.device, dtype=levels[4].dtype)
+        return self.from_levels(self.pyramid(images), num_offsets=num_offsets, return_deltas=return_deltas)
+
+    def from_levels(self, levels: dict[int, torch.Tensor], *, num_offsets: int | None = None,
+                    return_deltas: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The heads on :meth:`pyramid` features: ``w_plus`` (and ``deltas`` when asked)."""
+        top = levels[4]
+        raw = torch.empty(top.shape[0], self.num_ws, self.w_dim, device=top.device, dtype=top.dtype)
         for res_key, head in self.heads.items():
             idx = [i for i, r in enumerate(self.ws_levels) if r == int(res_key)]
             raw[:, idx] = head(levels[int(res_key)])

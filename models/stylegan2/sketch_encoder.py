@@ -11,6 +11,15 @@ reading one channel. Its input is a sketch ``[B, 1, H, W]`` in [-1, 1] with whit
 black ink (-1); it reads "ink" ``(1 - x) / 2`` so that the paper is zero, like the convolutions'
 zero padding.
 
+An unfinished sketch has many finished portraits. With ``completion_dim > 0`` the encoder is
+also a conditional VAE over them (Kingma & Welling 2014; Sohn et al. 2015): a code ``z`` of that
+size, read with a summary of the sketch by the completion head, moves the structure ws from the
+encoder's mean prediction to one finished portrait. In training ``z`` comes from the posterior
+head, which sees what the mean prediction missed (the target's structure ws minus it), under a
+KL penalty towards N(0, I); at inference ``z`` is drawn from N(0, I) (one per candidate), or is
+zero for the mean. A complete sketch leaves ``z`` little to say beyond what no sketch shows (skin
+tone, hair colour); a half-finished one leaves it the rest (hair, glasses, accessories).
+
 Pure ``nn.Module``: no I/O.
 """
 
@@ -19,6 +28,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .encoder import StyleGANEncoder, ws_resolution
 
@@ -54,6 +65,7 @@ class SketchEncoder(StyleGANEncoder):
         hidden: int | None = None,  # width of the heads' hidden layer; None = max(w_dim, 64)
         groups: int = 8,  # GroupNorm groups
         structure_layers: int | None = None,  # leading ws the sketch decides; None = default_structure_layers
+        completion_dim: int = 0,  # size of the completion code z (conditional VAE); 0 = a deterministic encoder
     ) -> None:
         super().__init__(num_ws, w_dim, img_resolution, img_channels=1, input_resolution=input_resolution,
                          channel_base=channel_base, channel_max=channel_max, hidden=hidden, groups=groups)
@@ -62,10 +74,25 @@ class SketchEncoder(StyleGANEncoder):
         if not 1 <= structure_layers <= num_ws:
             raise ValueError(f"structure_layers must be in 1..{num_ws}, got {structure_layers}")
         self.structure_layers = int(structure_layers)
+        if isinstance(completion_dim, bool) or not isinstance(completion_dim, int) or completion_dim < 0:
+            raise ValueError(f"completion_dim must be an int >= 0, got {completion_dim!r}")
+        self.completion_dim = completion_dim
         kwargs = dict(self._init_kwargs)
         kwargs.pop("img_channels")
         kwargs["structure_layers"] = self.structure_layers
+        if completion_dim:  # folders of deterministic encoders keep their config as it was
+            kwargs["completion_dim"] = completion_dim
         self._init_kwargs = kwargs
+        if completion_dim:
+            summary = next(iter(self.heads.values())).hidden.in_features // 16  # pyramid channels
+            width = max(2 * self.w_dim, 128)
+            size = self.structure_layers * self.w_dim
+            self.completion = nn.Sequential(nn.Linear(completion_dim + summary, width), nn.LeakyReLU(0.2),
+                                            nn.Linear(width, size))
+            nn.init.zeros_(self.completion[-1].weight)  # starts at the mean prediction
+            nn.init.zeros_(self.completion[-1].bias)
+            self.posterior = nn.Sequential(nn.Linear(size + summary, width), nn.LeakyReLU(0.2),
+                                           nn.Linear(width, 2 * completion_dim))
 
     @property
     def init_kwargs(self) -> dict[str, Any]:
@@ -77,3 +104,42 @@ class SketchEncoder(StyleGANEncoder):
             raise ValueError(f"sketches must be [B, 1, H, W] in [-1, 1] (white paper, black ink), "
                              f"got {tuple(images.shape)}")
         return super().pyramid((1 - images) * 0.5)
+
+    def mean_and_summary(self, sketches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean prediction ``w_plus [B, num_ws, w_dim]`` and the sketch summary ``[B, C]`` (the
+        finest pyramid level, pooled) that the completion and posterior heads read."""
+        levels = self.pyramid(sketches)
+        summary = F.adaptive_avg_pool2d(levels[self.level_resolutions[-1]], 1).flatten(1)
+        return self.from_levels(levels), summary
+
+    def complete(self, w_mean: torch.Tensor, summary: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``w_mean`` with its structure ws moved by the completion head for codes ``z [B, completion_dim]``."""
+        if not self.completion_dim:
+            raise ValueError("this sketch encoder has no completion code (completion_dim 0)")
+        if z.ndim != 2 or z.shape[1] != self.completion_dim:
+            raise ValueError(f"z must be [B, {self.completion_dim}], got {tuple(z.shape)}")
+        k = self.structure_layers
+        offset = self.completion(torch.cat([z.to(summary), summary.expand(z.shape[0], -1)], dim=1))
+        head = w_mean[:, :k].expand(z.shape[0], -1, -1) + offset.reshape(-1, k, self.w_dim)
+        return torch.cat([head, w_mean[:, k:].expand(z.shape[0], -1, -1)], dim=1)
+
+    def posterior_params(self, summary: torch.Tensor, missed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, logvar)`` ``[B, completion_dim]`` of q(z | sketch, what the mean missed); ``missed``
+        is the target's structure ws minus the mean prediction's, ``[B, structure_layers, w_dim]``."""
+        out = self.posterior(torch.cat([missed.flatten(1), summary], dim=1))
+        mu, logvar = out.chunk(2, dim=1)
+        return mu, logvar.clamp(-10.0, 4.0)
+
+    def forward(self, images: torch.Tensor, *, z: torch.Tensor | None = None, num_offsets: int | None = None,
+                return_deltas: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``w_plus [B, num_ws, w_dim]``; with a completion code, ``z [B, completion_dim]`` picks one
+        finished portrait (default: ``z = 0``, the code of the prior's mean). A single sketch
+        ``[1, 1, H, W]`` with ``z [N, completion_dim]`` gives N latents."""
+        if not self.completion_dim or return_deltas or num_offsets is not None:
+            if z is not None and not self.completion_dim:
+                raise ValueError("this sketch encoder has no completion code (completion_dim 0)")
+            return super().forward(images, num_offsets=num_offsets, return_deltas=return_deltas)
+        w_mean, summary = self.mean_and_summary(images)
+        if z is None:
+            z = torch.zeros(images.shape[0], self.completion_dim, device=w_mean.device, dtype=w_mean.dtype)
+        return self.complete(w_mean, summary, z)

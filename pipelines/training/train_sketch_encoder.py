@@ -24,6 +24,14 @@ colour seed does, so the structure must hold under any colours. ``align_weight=0
 ``align_image_weight=0`` train the same student with the reconstruction terms only: the baseline
 that shows what the alignment brings.
 
+With ``completion_dim > 0`` the student is a conditional VAE over the finished portraits
+(:class:`~models.stylegan2.sketch_encoder.SketchEncoder`): the latent above is its mean plus a
+completion offset read from a code ``z``, drawn from a posterior that sees what the mean missed,
+and the loss adds ``completion_kl_weight * KL(q(z) || N(0, I))``. Complete sketches take ``z``
+from the prior (``completion_prior_on_complete``), so what a finished drawing shows must come out
+whatever the code, and the code carries only what an unfinished one leaves open. ``init_from``
+starts it from a deterministic encoder.
+
 An unfinished sketch has many finished portraits: a regression onto them lands on their mean. In
 W that mean is still a portrait; in image space it is a blend (a smudge where glasses may or may
 not be). ``image_terms_partial=False`` keeps the image terms to the complete sketches of a batch
@@ -44,9 +52,9 @@ resume -> loop -> checkpoint -> held-out figures -> export (safetensors + config
     python -m pipelines.training.train_sketch_encoder --generator assets/stylegan2_portraits64 \\
         --teacher assets/stylegan2_portraits64/encoder --out_dir runs/sketch_encoder \\
         --export_to assets/stylegan2_portraits64/sketch_encoder
-    # the baseline without alignment (image losses every step)
-    python -m pipelines.training.train_sketch_encoder --align_weight 0 --image_loss_every 1 \\
-        --out_dir runs/sketch_encoder_noalign
+    # the baseline without alignment (reconstruction of the target image only)
+    python -m pipelines.training.train_sketch_encoder --align_weight 0 --align_image_weight 0 \\
+        --pixel_weight 1 --feature_weight 1 --out_dir runs/sketch_encoder_noalign
 """
 
 from __future__ import annotations
@@ -101,6 +109,10 @@ class SketchEncoderTrainConfig:
     channel_base: int = 4096  # student channels at resolution r: min(channel_base // r, channel_max)
     channel_max: int = 256
     structure_layers: Optional[int] = None  # leading ws aligned (and taken from the sketch); None = coarse+middle
+    completion_dim: int = 0  # > 0: a conditional VAE over finished portraits with a code of this size
+    completion_kl_weight: float = 0.05  # weight of KL(q(z | sketch, target) || N(0, I)), nats per sketch
+    completion_prior_on_complete: bool = True  # complete sketches take z from the prior (nothing is missing)
+    init_from: Optional[str] = None  # start from this sketch encoder (same sizes; new completion heads start fresh)
 
     # the data
     source: str = "world"  # 'world' (exact world line art) or 'generator' (G's images, edge-detected)
@@ -128,12 +140,12 @@ class SketchEncoderTrainConfig:
     max_train_minutes: Optional[float] = None  # stop early (checkpoint + export) after this much loop time
 
     # losses
-    align_weight: float = 1.0  # latent alignment on the structure layers; 0 = the baseline without alignment
-    pixel_weight: float = 1.0  # image terms (every image_loss_every steps)
-    feature_weight: float = 1.0
-    image_loss_every: int = 4  # image terms every N steps; 0 = alignment only
-    image_mix_fine: bool = True  # image terms render the target's fine ws (colours) with the student's structure
-    align_image_weight: float = 0.0  # teacher alignment in image space under random colours (see the docstring)
+    align_weight: float = 5.0  # latent alignment on the structure layers; 0 (and align_image_weight 0) = baseline
+    align_image_weight: float = 1.0  # teacher alignment in image space under random colours (see the docstring)
+    pixel_weight: float = 0.0  # reconstruction of the target image (every image_loss_every steps)
+    feature_weight: float = 0.0
+    image_loss_every: int = 1  # image terms every N steps; 0 = latent alignment only
+    image_mix_fine: bool = True  # reconstruction renders the target's fine ws (colours) with the student's structure
     colour_truncation_min: float = 0.5  # random colour latents: psi drawn from [colour_truncation_min, 1]
     image_terms_partial: bool = True  # False: image terms on the complete sketches of a batch only (see docstring)
 
@@ -168,10 +180,11 @@ class SketchEncoderTrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.image_loss_every < 0:
             raise ValueError(f"image_loss_every must be >= 0, got {self.image_loss_every}")
-        image_terms = self.image_loss_every > 0 and (self.pixel_weight > 0 or self.feature_weight > 0)
+        image_terms = self.image_loss_every > 0 and (self.pixel_weight > 0 or self.feature_weight > 0
+                                                     or self.align_image_weight > 0)
         if self.align_weight == 0 and not image_terms:
             raise ValueError("nothing to train: align_weight is 0 and there are no image terms "
-                             "(set image_loss_every >= 1 and pixel_weight or feature_weight > 0)")
+                             "(set image_loss_every >= 1 and align_image_weight, pixel_weight or feature_weight > 0)")
         if self.align_weight == 0 and self.image_loss_every != 1:
             raise ValueError("without alignment (align_weight 0) every step needs the image terms: "
                              "pass --image_loss_every 1")
@@ -189,6 +202,12 @@ class SketchEncoderTrainConfig:
             raise ValueError("align_image_weight is an image term: pass --image_loss_every >= 1")
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
             raise ValueError(f"max_train_minutes must be positive, got {self.max_train_minutes}")
+        if self.completion_dim < 0:
+            raise ValueError(f"completion_dim must be >= 0, got {self.completion_dim}")
+        if not self.completion_kl_weight >= 0:
+            raise ValueError(f"completion_kl_weight must be >= 0, got {self.completion_kl_weight}")
+        if self.init_from not in (None, "", "none") and not Path(self.init_from).exists():
+            raise ValueError(f"init_from {self.init_from!r} does not exist (a folder of save_sketch_encoder)")
         if self.structure_layers is not None and self.structure_layers < 1:
             raise ValueError(f"structure_layers must be >= 1, got {self.structure_layers}")
         if not Path(self.generator).exists():
@@ -345,12 +364,28 @@ def _mix(w_student: torch.Tensor, w_target: torch.Tensor, k: int, mix_fine: bool
 def _losses(student: SketchEncoder, G: Generator, sketches: torch.Tensor, w_target: torch.Tensor,
             targets: torch.Tensor | None, perceptual: EvaluatorPerceptualLoss | None,
             config: SketchEncoderTrainConfig, k: int, w_var: float,
-            colours: torch.Tensor | None = None, image_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            colours: torch.Tensor | None = None, image_rows: torch.Tensor | None = None,
+            eps: torch.Tensor | None = None, prior_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The loss terms of one batch (means over the batch); image terms when ``targets`` is given,
     and the image-space alignment when ``colours`` (random W+ latents ``[B, num_ws, w_dim]``) is.
-    ``image_rows`` (bool ``[B]``) limits the image terms to those rows."""
-    w_hat = student(sketches)  # [B, num_ws, w_dim]
-    terms = {"align": (w_hat[:, :k] - w_target[:, :k]).square().mean() / w_var}
+    ``image_rows`` (bool ``[B]``) limits the image terms to those rows. A student with a completion
+    code takes ``z = mu + sigma * eps`` from its posterior (``eps [B, completion_dim]``, default
+    zero: the posterior mean) and adds the KL term; rows in ``prior_rows`` (bool ``[B]``) take
+    ``z = eps`` from the prior instead, and so must come out right whatever their code."""
+    terms: dict[str, torch.Tensor] = {}
+    if getattr(student, "completion_dim", 0):
+        w_mean, summary = student.mean_and_summary(sketches)
+        mu, logvar = student.posterior_params(summary, (w_target[:, :k] - w_mean[:, :k]).detach())
+        z = mu if eps is None else mu + torch.exp(0.5 * logvar) * eps
+        kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(1)  # [B]
+        if prior_rows is not None and eps is not None:
+            z = torch.where(prior_rows[:, None], eps, z)
+            kl = kl[~prior_rows]
+        w_hat = student.complete(w_mean, summary, z)  # [B, num_ws, w_dim]
+        terms["kl"] = kl.mean() if kl.numel() else kl.sum()
+    else:
+        w_hat = student(sketches)  # [B, num_ws, w_dim]
+    terms["align"] = (w_hat[:, :k] - w_target[:, :k]).square().mean() / w_var
     if image_rows is not None:
         if not bool(image_rows.any()):
             targets = colours = None
@@ -374,7 +409,7 @@ def _losses(student: SketchEncoder, G: Generator, sketches: torch.Tensor, w_targ
             distance = distance + perceptual(recoloured, aligned)
         terms["align_image"] = distance.mean()
     weights = {"align": config.align_weight, "pixel": config.pixel_weight, "feature": config.feature_weight,
-               "align_image": config.align_image_weight}
+               "align_image": config.align_image_weight, "kl": config.completion_kl_weight}
     terms["loss"] = sum(weights[name] * v for name, v in terms.items())
     return terms
 
@@ -411,10 +446,14 @@ def _figures(student: SketchEncoder, G: Generator, eval_set: dict[str, Any], eva
     z = torch.randn([n, G.z_dim], generator=torch.Generator(w_avg.device).manual_seed(seed + 13), device=w_avg.device)
     colours = w_avg + 0.7 * (G.mapping(z, torch.zeros([n, G.c_dim], device=w_avg.device),
                                        skip_w_avg_update=True) - w_avg)
+    completion = getattr(student, "completion_dim", 0)
+    z = torch.randn([n, completion], generator=torch.Generator(w_avg.device).manual_seed(seed + 17),
+                    device=w_avg.device) if completion else None
     for key in ("complete", "partial50"):
         w_hat, images = _outputs(student, G, eval_set[key].to(w_avg.device), eval_set["w_target"], k)
         outputs[key] = images
-        outputs[f"{key}_seeded"] = torch.cat([synthesize(G, w) for w in _mix(w_hat, colours, k, True).split(64)])
+        w_seeded = student(eval_set[key].to(w_avg.device), z=z) if completion else w_hat
+        outputs[f"{key}_seeded"] = torch.cat([synthesize(G, w) for w in _mix(w_seeded, colours, k, True).split(64)])
         figures[f"latent_error_{key}"] = float((w_hat[:, :k] - eval_set["w_target"][:, :k]).square().mean() / w_var)
         figures[f"image_mse_{key}"] = float(reconstruction_error(images, eval_set["images"]).mean())
     if evaluator is not None and G.img_channels == 3:
@@ -486,8 +525,19 @@ def train(config: SketchEncoderTrainConfig, progress: Progress | None = None) ->
         # 3. Student and optimiser.
         student = SketchEncoder(G.num_ws, G.w_dim, G.img_resolution, input_resolution=config.input_resolution,
                                 channel_base=config.channel_base, channel_max=config.channel_max,
-                                structure_layers=k).to(device)
+                                structure_layers=k, completion_dim=config.completion_dim).to(device)
         student.w_avg.copy_(w_avg)
+        if config.init_from not in (None, "", "none") and not resuming:
+            from pipelines.sketch_to_image import load_sketch_encoder
+
+            source = load_sketch_encoder(config.init_from, device=device)
+            mine = {name: p.shape for name, p in student.state_dict().items()}
+            theirs = source.state_dict()
+            if any(name not in mine or mine[name] != p.shape for name, p in theirs.items()):
+                raise ValueError(f"init_from {config.init_from!r} has other sizes than this student (channel_base, "
+                                 "channel_max, structure_layers and the generator must match)")
+            student.load_state_dict(theirs, strict=False)  # the completion heads, if new, start fresh
+            print(f"started from {config.init_from}", flush=True)
         opt = torch.optim.Adam(student.parameters(), lr=config.lr)
         size = student.input_resolution
         n_params = sum(p.numel() for p in student.parameters())
@@ -552,7 +602,13 @@ def train(config: SketchEncoderTrainConfig, progress: Progress | None = None) ->
 
             # 6b. Loss and update.
             image_rows = None if config.image_terms_partial else torch.as_tensor(~partial, device=device)
-            terms = _losses(student, G, sketches, w_target, targets, perceptual, config, k, w_var, colours, image_rows)
+            eps = None
+            if config.completion_dim:
+                eps = torch.randn([config.batch, config.completion_dim], device=device,
+                                  generator=torch.Generator(device).manual_seed(config.seed * 1_000_033 + step))
+            prior_rows = torch.as_tensor(~partial, device=device) if config.completion_prior_on_complete else None
+            terms = _losses(student, G, sketches, w_target, targets, perceptual, config, k, w_var, colours, image_rows,
+                            eps, prior_rows)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()

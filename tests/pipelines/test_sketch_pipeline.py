@@ -210,3 +210,55 @@ def test_colour_transfer_moves_structure_ws_only_within_the_basis():
     assert torch.equal(off.w_plus, plain.w_plus)
     with pytest.raises(ValueError, match="colour_basis"):
         SketchToImagePipeline(G, enc, colour_basis=torch.zeros(8, 2))
+
+
+def _completion_encoder(G: Generator) -> SketchEncoder:
+    enc = _sketch_encoder(G, completion_dim=4)
+    with torch.no_grad():  # a trained completion head: give it weights
+        enc.completion[-1].weight.normal_(0, 0.3)
+    return enc.eval()
+
+
+def test_completion_code_moves_the_structure_ws_only():
+    G = _generator()
+    fresh = _sketch_encoder(G, completion_dim=4)
+    x = torch.ones(1, 1, 16, 16)
+    x[:, :, 2:14, 8] = -1
+    z = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x, z=z), fresh(x).expand(3, -1, -1))  # a new head starts at the mean
+        enc = _completion_encoder(G)
+        w = enc(x, z=z)
+        k = enc.structure_layers
+        assert w.shape == (3, G.num_ws, G.w_dim)
+        assert (w[0, :k] - w[1, :k]).abs().max() > 1e-3 and torch.equal(w[0, k:], w[1, k:])
+        assert torch.allclose(enc(x), enc(x, z=torch.zeros(1, 4)))  # no code = the zero code
+        mean, summary = enc.mean_and_summary(x)
+        mu, logvar = enc.posterior_params(summary, torch.randn(1, k, G.w_dim))
+        assert mu.shape == logvar.shape == (1, 4)
+    assert SketchEncoder(**enc.init_kwargs).completion_dim == 4
+    assert "completion_dim" not in _sketch_encoder(G).init_kwargs  # deterministic encoders' configs unchanged
+    with pytest.raises(ValueError, match="no completion code"):
+        _sketch_encoder(G)(x, z=z)
+    with pytest.raises(ValueError, match="z must be"):
+        enc(x, z=torch.randn(3, 5))
+
+
+def test_each_candidate_finishes_the_sketch_its_own_way(tmp_path):
+    G = _generator()
+    enc = _completion_encoder(G)
+    pipe = SketchToImagePipeline(G, enc)
+    sketch = Image.new("L", (64, 64), 255)
+    ImageDraw.Draw(sketch).ellipse((12, 8, 52, 58), outline=0, width=2)
+    out = pipe(sketch=sketch, num_candidates=3, colour_seed=5)
+    k = enc.structure_layers
+    assert (out.w_plus[0, :k] - out.w_plus[1, :k]).abs().max() > 1e-3
+    again = pipe(sketch=sketch, num_candidates=2, colour_seed=6)  # candidate i is seed colour_seed + i
+    assert torch.allclose(again.w_plus[0], out.w_plus[1])
+    ref = pipe(sketch=sketch, reference_w_plus=out.w_plus[0])  # a reference: the zero code
+    with torch.no_grad():
+        mean = enc(sketch_to_tensor(out.sketch, enc.input_resolution))
+    assert torch.allclose(ref.w_plus[0, :k], mean[0, :k])
+    save_sketch_encoder(enc, tmp_path / "enc")
+    loaded = load_sketch_encoder(tmp_path / "enc")
+    assert loaded.completion_dim == 4 and torch.allclose(loaded(torch.ones(1, 1, 16, 16)), enc(torch.ones(1, 1, 16, 16)))

@@ -86,8 +86,9 @@ def test_guided_edits_change_the_attribute_and_keep_the_rest(editor):
 
 def test_the_embedded_sketch_pipeline_follows_complete_sketches_and_seeds_choose_the_colours():
     """Held-out complete sketches through the shipped sketch encoder: the structural attributes come
-    back (the benchmark reads 0.87 on 200), and the colour seeds, carried into the structure ws by
-    the colour basis, give each candidate its own skin tone and hair colour."""
+    back (the benchmark reads 0.85 on 200), and the colour seeds, carried into the structure ws by
+    the colour basis, give each candidate its own skin tone and hair colour. A half-drawn face is
+    finished differently by each candidate (the encoder's completion code)."""
     from benchmarks.sketch import attr_match, held_out_portraits
     from pipelines.sketch_to_image import SketchToImagePipeline
 
@@ -102,3 +103,10 @@ def test_the_embedded_sketch_pipeline_follows_complete_sketches_and_seeds_choose
         return {(a["skin_tone"], a["hair_color"]) for a in out.attributes}
 
     assert len(colours(True)) >= 6 and len(colours(True)) > len(colours(False))
+
+    from pipelines.sketch_data import partial_strokes, render_strokes
+
+    assert pipe.completion_dim > 0
+    half = render_strokes(partial_strokes(portraits[1].strokes, 0.5), size=256)
+    out = pipe(sketch=half, num_candidates=8, colour_seed=0)
+    assert len({(a["hair_style"], a["glasses"], a["accessory"]) for a in out.attributes}) >= 3

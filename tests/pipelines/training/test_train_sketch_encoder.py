@@ -57,7 +57,8 @@ def test_world_run_trains_exports_and_resumes(tmp_path, assets):
     steps = [r for r in rows if "align" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert all(np.isfinite(r["loss"]) and r["align"] > 0 for r in steps)
-    assert sum("pixel" in r and "feature" in r for r in steps) == 3  # image terms every 2nd step
+    assert sum("align_image" in r for r in steps) == 3  # image terms every 2nd step
+    assert not any("pixel" in r for r in steps)  # the default student is not fitted to the target image
     assert sum(p is not None for p in previews) == 2
 
     figures = rows[-1]
@@ -92,7 +93,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, assets):
 
 
 def test_without_alignment_trains_on_image_terms_only(tmp_path, assets):
-    folder = train(_config(tmp_path, assets, align_weight=0.0, image_loss_every=1, steps=3, sample_every=3))
+    folder = train(_config(tmp_path, assets, align_weight=0.0, align_image_weight=0.0, pixel_weight=1.0,
+                           feature_weight=1.0, image_loss_every=1, steps=3, sample_every=3))
     steps = [r for r in _rows(tmp_path / "run") if "align" in r]
     assert len(steps) == 3 and all("pixel" in r for r in steps)
     assert all(r["loss"] == pytest.approx(r["pixel"] + r["feature"], rel=1e-5) for r in steps)
@@ -149,12 +151,12 @@ def test_image_alignment_under_random_colours(assets):
 
     same = torch.cat([w_target[:, :k], torch.randn(3, G.num_ws - k, G.w_dim)], 1)  # other fine ws
     terms = _losses(Fixed(same), G, torch.ones(3, 1, 16, 16), w_target, None, None, cfg, k, 1.0, colours)
-    assert float(terms["align_image"]) < 1e-10 and float(terms["loss"]) < 1e-10
+    assert terms["align_image"].item() < 1e-10 and terms["loss"].item() < 1e-10
 
     w_hat = torch.randn(3, G.num_ws, G.w_dim, requires_grad=True)
     rows = torch.tensor([True, False, True])
     terms = _losses(Fixed(w_hat), G, torch.ones(3, 1, 16, 16), w_target, None, None, cfg, k, 1.0, colours, rows)
-    assert float(terms["align_image"]) > 0
+    assert terms["align_image"].item() > 0
     terms["loss"].backward()
     grad = w_hat.grad.abs().sum(2)  # [B, num_ws]
     assert (grad[[0, 2], :k] > 0).all() and (grad[:, k:] == 0).all() and (grad[1] == 0).all()
@@ -174,6 +176,47 @@ def test_image_alignment_run_logs_the_term_and_seeded_figures(tmp_path, assets):
         assert name in figures and np.isfinite(figures[name]), name
 
 
+def test_completion_code_trains_with_a_kl_term_and_starts_from_an_earlier_encoder(tmp_path, assets):
+    first = train(_config(tmp_path / "a", assets, steps=2, sample_every=2))
+    folder = train(_config(tmp_path / "b", assets, steps=3, sample_every=3, completion_dim=4, init_from=str(first)))
+    rows = [r for r in _rows(tmp_path / "b" / "run") if "align" in r]
+    assert all("kl" in r and r["kl"] >= 0 for r in rows)
+    enc = load_sketch_encoder(folder)
+    assert enc.completion_dim == 4
+    start = load_sketch_encoder(first).state_dict()
+    assert set(start) < set(enc.state_dict())  # the completion and posterior heads are new
+    assert "complete_sketch_attr_match_seeded" in _rows(tmp_path / "b" / "run")[-1]
+    with pytest.raises(ValueError, match="other sizes"):
+        train(_config(tmp_path / "c", assets, channel_max=8, init_from=str(first)))
+
+
+def test_complete_sketches_take_their_code_from_the_prior(assets):
+    """Rows marked complete read z = eps (no posterior, no KL): what the sketch shows must not
+    travel through the code; unfinished rows read the posterior's z and pay its KL."""
+    from pipelines.stylegan_io import load_generator
+
+    G = load_generator(assets / "G")
+    torch.manual_seed(0)
+    student = SketchEncoder(G.num_ws, G.w_dim, 16, channel_base=128, channel_max=16, completion_dim=3)
+    with torch.no_grad():
+        student.completion[-1].weight.normal_(0, 0.3)
+    sketches = torch.ones(2, 1, 16, 16)
+    sketches[1, :, 4:12, 8] = -1
+    w_target = torch.randn(2, G.num_ws, G.w_dim)
+    eps = torch.randn(2, 3)
+    cfg = SketchEncoderTrainConfig(align_weight=1.0, align_image_weight=0.0, completion_kl_weight=1.0)
+    k = student.structure_layers
+    prior = _losses(student, G, sketches, w_target, None, None, cfg, k, 1.0, eps=eps,
+                    prior_rows=torch.tensor([True, True]))
+    with torch.no_grad():
+        expected = student(sketches, z=eps)
+    assert prior["kl"].item() == 0.0
+    assert prior["align"].item() == pytest.approx(float((expected[:, :k] - w_target[:, :k]).square().mean()), rel=1e-5)
+    posterior = _losses(student, G, sketches, w_target, None, None, cfg, k, 1.0, eps=eps,
+                        prior_rows=torch.tensor([True, False]))
+    assert posterior["kl"].item() > 0 and posterior["align"].item() != pytest.approx(prior["align"].item())
+
+
 def test_generator_source_with_xdog_sketches(tmp_path, assets):
     folder = train(_config(tmp_path, assets, source="generator", edge_method="xdog", steps=3, sample_every=3,
                            align_target="sampled", teacher="none"))
@@ -189,7 +232,9 @@ def test_bad_configs_are_refused_before_work(tmp_path, assets):
                         (dict(align_weight=0.0, image_loss_every=0), "nothing to train"),
                         (dict(partial_min=0.0), "partial_min"),
                         (dict(align_image_weight=1.0, image_loss_every=0), "align_image_weight"),
-                        (dict(colour_truncation_min=1.5), "colour_truncation_min")]:
+                        (dict(colour_truncation_min=1.5), "colour_truncation_min"),
+                        (dict(completion_dim=-1), "completion_dim"),
+                        (dict(init_from=str(tmp_path / "missing")), "init_from")]:
         with pytest.raises(ValueError, match=match):
             train(_config(tmp_path, assets, **over))
     assert not (tmp_path / "run").exists()
