@@ -85,7 +85,7 @@ def draw(pipe: Any, image: Any, *, candidates: int, colour_seed: int, reference:
         out = pipe(sketch=image, num_candidates=1, reference_image=reference)
     else:
         out = pipe(sketch=image, num_candidates=int(candidates), colour_seed=int(colour_seed))
-    items = [(img, f"colour seed {seed}" if seed is not None else "reference colours")
+    items = [(img, f"seed {seed}" if seed is not None else "reference colours")
              for img, seed in zip(out.images, out.seeds)]
     ms = 1000 * sum(out.timings.values())
     lines = [f"{len(out.images)} candidate(s) in {ms:.0f} ms"] + [f"⚠️ {n}" for n in out.notes]
@@ -102,8 +102,9 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, send_to: Any = None, tabs
 
     with gr.Tab("Sketch to anime", id="sketch"):
         gr.Markdown("Draw a face — outline, eyes, hair, details — and the portrait follows every stroke. "
-                    "The sketch decides the structure; a colour seed (or a reference) decides colours and "
-                    "fine style. Upload a drawing or a photo to start from its lines.")
+                    "The sketch decides the structure; a seed (or a reference) decides colours and fine "
+                    "style, and how each candidate finishes what is not drawn yet. Upload a drawing or a "
+                    "photo to start from its lines.")
         with gr.Row():
             with gr.Column(scale=1):
                 canvas = gr.Sketchpad(label="Canvas (pen, eraser, undo, clear)", type="numpy", image_mode="RGBA",
@@ -120,8 +121,9 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, send_to: Any = None, tabs
                     generator = gr.Dropdown(generators, value=generators[0], label="Generator")
                     candidates = gr.Slider(1, 8, value=4, step=1, label="Candidates")
                 with gr.Row():
-                    seed = gr.Textbox(value="0", label="Colour seed", scale=3, elem_id="sketch_seed")
-                    random_seed = gr.Button("Random colours", scale=1)
+                    seed = gr.Textbox(value="0", label="Seed (colours, and what is not drawn yet)", scale=3,
+                                      elem_id="sketch_seed")
+                    random_seed = gr.Button("Random seed", scale=1)
                 reference = gr.Image(label="Colour reference (optional): colours and fine style from this portrait",
                                      type="pil", image_mode="RGB", height=160, sources=["upload", "clipboard"],
                                      elem_id="sketch_reference")
