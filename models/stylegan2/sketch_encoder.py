@@ -135,9 +135,11 @@ class SketchEncoder(StyleGANEncoder):
         """``w_plus [B, num_ws, w_dim]``; with a completion code, ``z [B, completion_dim]`` picks one
         finished portrait (default: ``z = 0``, the code of the prior's mean). A single sketch
         ``[1, 1, H, W]`` with ``z [N, completion_dim]`` gives N latents."""
+        if z is not None and not self.completion_dim:
+            raise ValueError("this sketch encoder has no completion code (completion_dim 0)")
+        if z is not None and (return_deltas or num_offsets is not None):
+            raise ValueError("a completion code z applies to whole latents: drop return_deltas / num_offsets")
         if not self.completion_dim or return_deltas or num_offsets is not None:
-            if z is not None and not self.completion_dim:
-                raise ValueError("this sketch encoder has no completion code (completion_dim 0)")
             return super().forward(images, num_offsets=num_offsets, return_deltas=return_deltas)
         w_mean, summary = self.mean_and_summary(images)
         if z is None:
