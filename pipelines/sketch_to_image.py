@@ -313,7 +313,7 @@ class SketchToImagePipeline:
             z = None
             if self.completion_dim and reference is None and reference_image is None:
                 z = self.completion_codes([int(colour_seed) + i for i in range(num_candidates)])
-            structure = self.sketch_encoder(x, z=z).float() if z is not None else self.sketch_encoder(x).float()
+            structure = self.sketch_encoder(x, z=z).float()  # [1 | N, num_ws, w_dim]
         timings["encode"] = time.perf_counter() - t0
 
         # 4. Colours: a reference (W+ or inverted image), else one seeded latent per candidate.
