@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from pipelines.data.portrait_world import PortraitWorld, Stroke
 from pipelines.sketch_data import (EMPTY_NOTE, PHOTO_NOTE, augment_strokes, erase_sketch, extract_sketch,
@@ -170,6 +170,46 @@ def test_to_sketch_of_world_line_art_is_close_to_it(portrait):
     assert notes == []
     a, b = _ink(sketch), _ink(portrait.line_art)
     assert (a & b).sum() / b.sum() > 0.7 and a.sum() < 2.5 * b.sum()
+
+
+def test_big_canvas_shortcuts_give_the_full_computation():
+    """The canvas path's block minimum and line width (cropped to the ink) equal the plain
+    whole-array computations, ink touching the border included."""
+    from scipy import ndimage
+
+    from pipelines import sketch_data
+
+    rng = np.random.default_rng(1)
+    canvas = Image.new("L", (515, 515), 255)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(12):
+        draw.line(tuple(rng.integers(0, 515, 4).tolist()), fill=int(rng.integers(0, 90)),
+                  width=int(rng.integers(1, 7)))
+    draw.line((0, 0, 0, 514), fill=0, width=3)  # along the left edge
+    grey = np.asarray(canvas)
+    r = 515 // (4 * 64)
+    side = 515 // r * r
+    expected = grey[:side, :side].reshape(side // r, r, side // r, r).min(axis=(1, 3)).astype(np.float32)
+    levels = sketch_data._normalise_levels(expected)
+    sketch, _ = to_sketch(canvas, size=64)
+    ref = Image.fromarray(levels.round().astype(np.uint8), "L")
+    width = sketch_data._line_width(levels < sketch_data.INK_LEVEL)
+    ink = levels < sketch_data.INK_LEVEL
+    assert width == max(1.0, 4 * float(ndimage.distance_transform_edt(ink)[ink].mean()) - 2)
+    grow = int(round(ref.size[0] / 64 - width)) | 1
+    if grow >= 3:
+        ref = ref.filter(ImageFilter.MinFilter(min(grow, 9)))
+    ref = np.asarray(ref.resize((64, 64), Image.BOX), dtype=np.float32)
+    darkest = float(np.percentile(ref[ref < 250], 5))
+    if darkest > 0:
+        ref = np.clip(255.0 - (255.0 - ref) * min(4.0, 255.0 / max(255.0 - darkest, 1.0)), 0, 255)
+    assert np.array_equal(np.asarray(sketch), ref.round().astype(np.uint8))
+    # a lone line (its bounding box is all ink) and lines on the border, alone
+    for box in ((100, 200, 300, 206), (0, 0, 514, 4), (510, 0, 514, 514)):
+        mask = np.zeros((515, 515), bool)
+        mask[box[1]:box[3], box[0]:box[2]] = True
+        full = max(1.0, 4 * float(ndimage.distance_transform_edt(mask)[mask].mean()) - 2)
+        assert sketch_data._line_width(mask) == full
 
 
 def test_strokes_dataclass_roundtrip():
