@@ -16,9 +16,17 @@ also a conditional VAE over them (Kingma & Welling 2014; Sohn et al. 2015): a co
 size, read with a summary of the sketch by the completion head, moves the structure ws from the
 encoder's mean prediction to one finished portrait. In training ``z`` comes from the posterior
 head, which sees what the mean prediction missed (the target's structure ws minus it), under a
-KL penalty towards N(0, I); at inference ``z`` is drawn from N(0, I) (one per candidate), or is
-zero for the mean. A complete sketch leaves ``z`` little to say beyond what no sketch shows (skin
-tone, hair colour); a half-finished one leaves it the rest (hair, glasses, accessories).
+KL penalty towards the prior; at inference ``z`` is drawn from the prior (one per candidate), or is
+its mean. A complete sketch leaves ``z`` little to say beyond what no sketch shows (skin tone, hair
+colour); a half-finished one leaves it the rest (hair, glasses, accessories).
+
+The prior is N(0, I) (``completion_prior='standard'``) or, as in Sohn et al.'s CVAE and the
+probabilistic U-Net (Kohl et al. 2018), a Gaussian read from the sketch by a prior head
+(``'learned'``): N(mu(sketch), sigma(sketch)^2). With the standard prior, whatever the posterior
+puts in the code comes out at random whatever the sketch hints: a half-drawn face's raised brows
+say "surprised", but a code drawn from N(0, I) picks any expression. The learned prior learns
+which codes a sketch makes likely. Either way the caller's ``z`` is a standard normal draw that
+the prior maps to a code (``mu + sigma * z``).
 
 Pure ``nn.Module``: no I/O.
 """
@@ -66,6 +74,7 @@ class SketchEncoder(StyleGANEncoder):
         groups: int = 8,  # GroupNorm groups
         structure_layers: int | None = None,  # leading ws the sketch decides; None = default_structure_layers
         completion_dim: int = 0,  # size of the completion code z (conditional VAE); 0 = a deterministic encoder
+        completion_prior: str = "standard",  # the code's prior: 'standard' N(0, I) or 'learned' from the sketch
     ) -> None:
         super().__init__(num_ws, w_dim, img_resolution, img_channels=1, input_resolution=input_resolution,
                          channel_base=channel_base, channel_max=channel_max, hidden=hidden, groups=groups)
@@ -77,11 +86,18 @@ class SketchEncoder(StyleGANEncoder):
         if isinstance(completion_dim, bool) or not isinstance(completion_dim, int) or completion_dim < 0:
             raise ValueError(f"completion_dim must be an int >= 0, got {completion_dim!r}")
         self.completion_dim = completion_dim
+        if completion_prior not in ("standard", "learned"):
+            raise ValueError(f"completion_prior must be 'standard' or 'learned', got {completion_prior!r}")
+        if completion_prior == "learned" and not completion_dim:
+            raise ValueError("completion_prior 'learned' needs a completion code (completion_dim > 0)")
+        self.completion_prior = completion_prior
         kwargs = dict(self._init_kwargs)
         kwargs.pop("img_channels")
         kwargs["structure_layers"] = self.structure_layers
         if completion_dim:  # folders of deterministic encoders keep their config as it was
             kwargs["completion_dim"] = completion_dim
+        if completion_prior != "standard":
+            kwargs["completion_prior"] = completion_prior
         self._init_kwargs = kwargs
         if completion_dim:
             summary = next(iter(self.heads.values())).hidden.in_features // 16  # pyramid channels
@@ -93,6 +109,11 @@ class SketchEncoder(StyleGANEncoder):
             nn.init.zeros_(self.completion[-1].bias)
             self.posterior = nn.Sequential(nn.Linear(size + summary, width), nn.LeakyReLU(0.2),
                                            nn.Linear(width, 2 * completion_dim))
+        if completion_prior == "learned":
+            self.prior = nn.Sequential(nn.Linear(size + summary, width), nn.LeakyReLU(0.2),
+                                       nn.Linear(width, 2 * completion_dim))
+            nn.init.zeros_(self.prior[-1].weight)  # starts as N(0, I), the standard prior
+            nn.init.zeros_(self.prior[-1].bias)
 
     @property
     def init_kwargs(self) -> dict[str, Any]:
@@ -130,11 +151,32 @@ class SketchEncoder(StyleGANEncoder):
         mu, logvar = out.chunk(2, dim=1)
         return mu, logvar.clamp(-10.0, 4.0)
 
+    def prior_params(self, w_mean: torch.Tensor, summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, logvar)`` ``[B, completion_dim]`` of the prior p(z | sketch): zeros for the
+        standard prior; the prior head's reading of the mean prediction's structure ws and the
+        summary for a learned one."""
+        if not self.completion_dim:
+            raise ValueError("this sketch encoder has no completion code (completion_dim 0)")
+        if self.completion_prior == "standard":
+            zeros = summary.new_zeros(summary.shape[0], self.completion_dim)
+            return zeros, zeros
+        out = self.prior(torch.cat([w_mean[:, :self.structure_layers].flatten(1), summary], dim=1))
+        mu, logvar = out.chunk(2, dim=1)
+        return mu, logvar.clamp(-10.0, 4.0)
+
+    def prior_code(self, w_mean: torch.Tensor, summary: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Codes ``[N, completion_dim]`` from standard normal draws ``eps``: ``mu + sigma * eps`` of
+        the prior (``eps`` itself for the standard prior)."""
+        if self.completion_prior == "standard":
+            return eps
+        mu, logvar = self.prior_params(w_mean, summary)
+        return mu + torch.exp(0.5 * logvar) * eps.to(mu)
+
     def forward(self, images: torch.Tensor, *, z: torch.Tensor | None = None, num_offsets: int | None = None,
                 return_deltas: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``w_plus [B, num_ws, w_dim]``; with a completion code, ``z [B, completion_dim]`` picks one
-        finished portrait (default: ``z = 0``, the code of the prior's mean). A single sketch
-        ``[1, 1, H, W]`` with ``z [N, completion_dim]`` gives N latents."""
+        """``w_plus [B, num_ws, w_dim]``; with a completion code, the standard normal draw ``z [B,
+        completion_dim]`` picks one finished portrait through the prior (default: ``z = 0``, the
+        prior's mean). A single sketch ``[1, 1, H, W]`` with ``z [N, completion_dim]`` gives N latents."""
         if z is not None and not self.completion_dim:
             raise ValueError("this sketch encoder has no completion code (completion_dim 0)")
         if z is not None and (return_deltas or num_offsets is not None):
@@ -144,4 +186,6 @@ class SketchEncoder(StyleGANEncoder):
         w_mean, summary = self.mean_and_summary(images)
         if z is None:
             z = torch.zeros(images.shape[0], self.completion_dim, device=w_mean.device, dtype=w_mean.dtype)
-        return self.complete(w_mean, summary, z)
+        if z.ndim != 2 or z.shape[1] != self.completion_dim:
+            raise ValueError(f"z must be [B, {self.completion_dim}], got {tuple(z.shape)}")
+        return self.complete(w_mean, summary, self.prior_code(w_mean, summary, z))

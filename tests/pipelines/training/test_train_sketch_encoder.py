@@ -238,3 +238,139 @@ def test_bad_configs_are_refused_before_work(tmp_path, assets):
         with pytest.raises(ValueError, match=match):
             train(_config(tmp_path, assets, **over))
     assert not (tmp_path / "run").exists()
+
+
+def test_refined_teacher_targets_fit_the_images_better_and_are_cached(tmp_path, assets, monkeypatch):
+    import pipelines.stylegan_inversion as inversion
+    from pipelines.stylegan_inversion import load_encoder, reconstruction_error, synthesize
+    from pipelines.stylegan_io import load_generator
+    from pipelines.training.train_sketch_encoder import build_pool, teacher_targets
+
+    G = load_generator(assets / "G").requires_grad_(False)
+    teacher = load_encoder(assets / "teacher")
+    evaluator = Evaluator.from_pretrained(assets / "ev")
+    images = synthesize(G, G.mapping(torch.randn(6, G.z_dim, generator=torch.Generator().manual_seed(1)), None))
+    plain = teacher_targets(_config(tmp_path, assets), G, teacher, images, evaluator)
+    refined = teacher_targets(_config(tmp_path, assets, teacher_refine_steps=20, teacher_refine_lr=0.05), G, teacher,
+                              images, evaluator)
+    with torch.no_grad():
+        before = reconstruction_error(synthesize(G, plain), images).mean()
+        after = reconstruction_error(synthesize(G, refined), images).mean()
+    assert after < 0.8 * before  # the projector steps bring the teacher's latents closer to the images
+
+    # a run keeps its refined targets and reads them back; other settings recompute
+    cfg = _config(tmp_path, assets, teacher_refine_steps=2, pool_size=6)
+    cache = tmp_path / "targets.safetensors"
+    w_avg = G.mapping.w_avg.clone()
+    first = build_pool(cfg, G, teacher, w_avg, 6, sketch_size=16, evaluator=evaluator, cache=cache)
+    held = build_pool(cfg, G, teacher, w_avg, 4, sketch_size=16, held_out=True, evaluator=evaluator, cache=cache)
+    calls = []
+    real_invert = inversion.invert
+    monkeypatch.setattr(inversion, "invert", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
+    again = build_pool(cfg, G, teacher, w_avg, 6, sketch_size=16, evaluator=evaluator, cache=cache)
+    held_again = build_pool(cfg, G, teacher, w_avg, 4, sketch_size=16, held_out=True, evaluator=evaluator, cache=cache)
+    assert not calls and torch.equal(first.w_target, again.w_target) and torch.equal(held.w_target, held_again.w_target)
+    other = build_pool(_config(tmp_path, assets, teacher_refine_steps=3, pool_size=6), G, teacher, w_avg, 6,
+                       sketch_size=16, evaluator=evaluator, cache=cache)
+    assert calls and not torch.equal(first.w_target, other.w_target)
+    cache.write_bytes(cache.read_bytes()[:50])  # a truncated cache is recomputed, not an error
+    assert build_pool(cfg, G, teacher, w_avg, 6, sketch_size=16, evaluator=evaluator, cache=cache).w_target.shape \
+        == first.w_target.shape
+
+
+def test_refining_run_writes_its_cache_and_names_it_on_the_card(tmp_path, assets):
+    folder = train(_config(tmp_path, assets, teacher_refine_steps=2, steps=2, sample_every=2, checkpoint_every=2))
+    assert (tmp_path / "run" / "pool_targets.safetensors").exists()
+    assert "refined by 2 projector steps" in (folder / "card.json").read_text()
+    for over, match in [(dict(teacher_refine_steps=-1), "teacher_refine_steps"),
+                        (dict(teacher_refine_steps=5, evaluator="none"), "needs the evaluator"),
+                        (dict(teacher_refine_lr=0.0), "teacher_refine_lr"),
+                        (dict(teacher_refine_steps=5, source="generator", align_target="sampled", teacher="none"),
+                         "sampled")]:
+        with pytest.raises(ValueError, match=match):
+            train(_config(tmp_path / "bad", assets, **over))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_learned_prior_reads_the_sketch_and_enters_the_kl(assets):
+    """A learned prior starts as N(0, I) (so an encoder trained with the standard prior loads into
+    it unchanged), maps the caller's standard normal draw through mu + sigma * z, and the KL is
+    taken against it: a posterior equal to the prior pays nothing."""
+    from pipelines.stylegan_io import load_generator
+
+    G = load_generator(assets / "G")
+    torch.manual_seed(0)
+    standard = SketchEncoder(G.num_ws, G.w_dim, 16, channel_base=128, channel_max=16, completion_dim=3)
+    with torch.no_grad():
+        standard.completion[-1].weight.normal_(0, 0.3)
+    learned = SketchEncoder(**dict(standard.init_kwargs, completion_prior="learned"))
+    assert learned.init_kwargs["completion_prior"] == "learned" and "completion_prior" not in standard.init_kwargs
+    missing = learned.load_state_dict(standard.state_dict(), strict=False).missing_keys
+    assert missing and all(name.startswith("prior.") for name in missing)
+    sketches = torch.ones(2, 1, 16, 16)
+    sketches[1, :, 4:12, 8] = -1
+    eps = torch.randn(2, 3)
+    with torch.no_grad():
+        assert torch.equal(learned(sketches, z=eps), standard(sketches, z=eps))  # zero-initialised head: N(0, I)
+        learned.prior[-1].bias.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0, 0.0, 0.0]))  # mu (1, -1, .5), sigma 1
+        learned.prior[-1].weight.normal_(0, 0.5)
+        w_mean, summary = learned.mean_and_summary(sketches)
+        mu_p, logvar_p = learned.prior_params(w_mean, summary)
+        assert not torch.allclose(mu_p[0], mu_p[1])  # each sketch its own prior
+        code = mu_p + torch.exp(0.5 * logvar_p) * eps
+        assert torch.allclose(learned(sketches, z=eps), learned.complete(w_mean, summary, code), atol=1e-6)
+        assert torch.allclose(learned(sketches), learned.complete(w_mean, summary, mu_p), atol=1e-6)  # z=None: mean
+
+    cfg = SketchEncoderTrainConfig(align_weight=1.0, align_image_weight=0.0, completion_kl_weight=1.0)
+    w_target = torch.randn(2, G.num_ws, G.w_dim)
+    k = learned.structure_layers
+    terms = _losses(learned, G, sketches, w_target, None, None, cfg, k, 1.0, eps=eps,
+                    prior_rows=torch.tensor([False, False]))
+    with torch.no_grad():
+        mu_q, logvar_q = learned.posterior_params(summary, w_target[:, :k] - w_mean[:, :k])
+    expected = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(1).mean()
+    assert terms["kl"].item() == pytest.approx(expected.item(), rel=1e-4)
+    terms["loss"].backward()
+    assert learned.prior[-1].weight.grad.abs().sum() > 0  # the prior learns from the KL
+    prior_rows = _losses(learned, G, sketches, w_target, None, None, cfg, k, 1.0, eps=eps,
+                         prior_rows=torch.tensor([True, True]))
+    with torch.no_grad():
+        assert prior_rows["align"].item() == pytest.approx(
+            float((learned(sketches, z=eps)[:, :k] - w_target[:, :k]).square().mean()), rel=1e-5)
+    mean_rows = _losses(learned, G, sketches, w_target, None, None, cfg, k, 1.0, eps=eps,
+                        prior_rows=torch.tensor([True, False]), mean_rows=torch.tensor([False, True]))
+    with torch.no_grad():  # row 0 a prior sample, row 1 the prior's mean code (z = None), neither pays a KL
+        expected = torch.cat([learned(sketches[:1], z=eps[:1]), learned(sketches[1:])])
+    assert mean_rows["kl"].item() == 0.0
+    assert mean_rows["align"].item() == pytest.approx(float((expected[:, :k] - w_target[:, :k]).square().mean()),
+                                                      rel=1e-5)
+    with pytest.raises(ValueError, match="needs a completion code"):
+        SketchEncoder(G.num_ws, G.w_dim, 16, channel_base=128, channel_max=16, completion_prior="learned")
+    with pytest.raises(ValueError, match="completion_prior"):
+        SketchEncoder(G.num_ws, G.w_dim, 16, channel_base=128, channel_max=16, completion_dim=2, completion_prior="x")
+
+
+def test_learned_prior_run_saves_and_reloads_it(tmp_path, assets):
+    folder = train(_config(tmp_path, assets, steps=2, sample_every=2, completion_dim=3, completion_prior="learned"))
+    enc = load_sketch_encoder(folder)
+    assert enc.completion_prior == "learned" and hasattr(enc, "prior")
+    assert json.loads((folder / "config.json").read_text())["init_kwargs"]["completion_prior"] == "learned"
+    with pytest.raises(ValueError, match="needs a completion code"):
+        train(_config(tmp_path / "bad", assets, completion_prior="learned"))
+
+
+def test_hybrid_objective_trains_unfinished_sketches_with_prior_codes_too(tmp_path, assets):
+    """completion_prior_share 1: every unfinished sketch takes its code from the prior, as at
+    inference (Sohn et al.'s GSNN rows), so no row pays a KL; share 0: they read the posterior."""
+    over = dict(steps=2, sample_every=2, completion_dim=3, completion_prior="learned", partial_prob=1.0)
+    train(_config(tmp_path / "all", assets, completion_prior_share=1.0, **over))
+    train(_config(tmp_path / "none", assets, completion_prior_share=0.0, **over))
+    kl_all = [r["kl"] for r in _rows(tmp_path / "all" / "run") if "align" in r]
+    kl_none = [r["kl"] for r in _rows(tmp_path / "none" / "run") if "align" in r]
+    assert kl_all == [0.0, 0.0] and all(v > 0 for v in kl_none)
+    train(_config(tmp_path / "mean", assets, completion_prior_share=1.0, completion_prior_code="mean", **over))
+    assert [r["kl"] for r in _rows(tmp_path / "mean" / "run") if "align" in r] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="completion_prior_code"):
+        train(_config(tmp_path / "bad", assets, completion_prior_code="mode"))
+    with pytest.raises(ValueError, match="completion_prior_share"):
+        train(_config(tmp_path / "bad", assets, completion_prior_share=1.5))
