@@ -490,13 +490,14 @@ def _losses(student: SketchEncoder, G: Generator, sketches: torch.Tensor, w_targ
         # KL(q || p): p is N(0, I), or the learned prior read from the (detached) sketch
         mu_p, logvar_p = student.prior_params(w_mean.detach(), summary.detach())
         kl = 0.5 * (logvar_p - logvar + (logvar.exp() + (mu - mu_p).square()) / logvar_p.exp() - 1).sum(1)  # [B]
+        pays_kl = torch.ones_like(kl, dtype=torch.bool)  # rows whose code comes from the posterior
         if prior_rows is not None and eps is not None:
             z = torch.where(prior_rows[:, None], mu_p + torch.exp(0.5 * logvar_p) * eps, z)
-            kl = kl[~prior_rows]
+            pays_kl &= ~prior_rows
         if mean_rows is not None:
             z = torch.where(mean_rows[:, None], mu_p, z)
-            kl_rows = ~mean_rows if prior_rows is None or eps is None else ~(mean_rows | prior_rows)
-            kl = 0.5 * (logvar_p - logvar + (logvar.exp() + (mu - mu_p).square()) / logvar_p.exp() - 1).sum(1)[kl_rows]
+            pays_kl &= ~mean_rows
+        kl = kl[pays_kl]
         w_hat = student.complete(w_mean, summary, z)  # [B, num_ws, w_dim]
         terms["kl"] = kl.mean() if kl.numel() else kl.sum()
     else:
