@@ -27,7 +27,7 @@ that shows what the alignment brings.
 With ``completion_dim > 0`` the student is a conditional VAE over the finished portraits
 (:class:`~models.stylegan2.sketch_encoder.SketchEncoder`): the latent above is its mean plus a
 completion offset read from a code ``z``, drawn from a posterior that sees what the mean missed,
-and the loss adds ``completion_kl_weight * KL(q(z) || N(0, I))``. Complete sketches take ``z``
+and the loss adds ``completion_kl_weight * KL(q(z) || p(z))`` (p: N(0, I) or a learned prior). Complete sketches take ``z``
 from the prior (``completion_prior_on_complete``), so what a finished drawing shows must come out
 whatever the code, and the code carries only what an unfinished one leaves open. ``init_from``
 starts it from a deterministic encoder. ``completion_prior='learned'`` reads the prior from the
@@ -127,7 +127,7 @@ class SketchEncoderTrainConfig:
     channel_max: int = 256
     structure_layers: Optional[int] = None  # leading ws aligned (and taken from the sketch); None = coarse+middle
     completion_dim: int = 0  # > 0: a conditional VAE over finished portraits with a code of this size
-    completion_kl_weight: float = 0.05  # weight of KL(q(z | sketch, target) || N(0, I)), nats per sketch
+    completion_kl_weight: float = 0.05  # weight of KL(q(z | sketch, target) || prior), nats per sketch
     completion_prior_on_complete: bool = True  # complete sketches take z from the prior (nothing is missing)
     completion_prior: str = "standard"  # the code's prior: 'standard' N(0, I) or 'learned' from the sketch
     completion_prior_share: float = 0.0  # share of unfinished sketches also trained with prior codes (Sohn's hybrid)
@@ -731,16 +731,12 @@ def train(config: SketchEncoderTrainConfig, progress: Progress | None = None) ->
             if config.completion_dim:
                 eps = torch.randn([config.batch, config.completion_dim], device=device,
                                   generator=torch.Generator(device).manual_seed(config.seed * 1_000_033 + step))
-            prior = (~partial) if config.completion_prior_on_complete else np.zeros(config.batch, bool)
+            prior = ~partial if config.completion_prior_on_complete else np.zeros(config.batch, bool)
             hybrid = partial & (np.random.default_rng([config.seed, 11, step]).random(config.batch)
                                 < config.completion_prior_share)  # the hybrid objective's rows
-            mean_rows = None
-            if config.completion_prior_code == "mean":
-                mean_rows = torch.as_tensor(hybrid, device=device) if hybrid.any() else None
-            else:  # sampled from the prior, as at inference
-                prior = prior | hybrid
-            prior_rows = torch.as_tensor(prior, device=device) if prior.any() or config.completion_prior_on_complete \
-                else None
+            if config.completion_prior_code == "sample":  # codes drawn from the prior, as at inference
+                prior, hybrid = prior | hybrid, np.zeros_like(hybrid)
+            prior_rows, mean_rows = torch.as_tensor(prior, device=device), torch.as_tensor(hybrid, device=device)
             terms = _losses(student, G, sketches, w_target, targets, perceptual, config, k, w_var, colours, image_rows,
                             eps, prior_rows, mean_rows)
             opt.zero_grad(set_to_none=True)
