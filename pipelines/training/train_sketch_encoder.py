@@ -27,10 +27,10 @@ that shows what the alignment brings.
 With ``completion_dim > 0`` the student is a conditional VAE over the finished portraits
 (:class:`~models.stylegan2.sketch_encoder.SketchEncoder`): the latent above is its mean plus a
 completion offset read from a code ``z``, drawn from a posterior that sees what the mean missed,
-and the loss adds ``completion_kl_weight * KL(q(z) || p(z))`` (p: N(0, I) or a learned prior). Complete sketches take ``z``
-from the prior (``completion_prior_on_complete``), so what a finished drawing shows must come out
-whatever the code, and the code carries only what an unfinished one leaves open. ``init_from``
-starts it from a deterministic encoder. ``completion_prior='learned'`` reads the prior from the
+and the loss adds ``completion_kl_weight * KL(q(z) || p(z))``, p being N(0, I) or a learned prior.
+Complete sketches take ``z`` from the prior (``completion_prior_on_complete``), so what a finished
+drawing shows must come out whatever the code, and the code carries only what an unfinished one
+leaves open. ``init_from`` starts it from a deterministic encoder. ``completion_prior='learned'`` reads the prior from the
 sketch (see :mod:`models.stylegan2.sketch_encoder`), and ``completion_prior_share`` trains that
 share of the unfinished sketches with codes from the prior as well, as at inference: Sohn et
 al.'s hybrid of the CVAE and GSNN objectives. Trained only through the posterior, the code learns
@@ -142,7 +142,7 @@ class SketchEncoderTrainConfig:
     align_target: str = "teacher"  # source 'generator': align with the teacher's W+ or the 'sampled' latent
     teacher_refine_steps: int = 0  # > 0: the teacher's W+ refined by this many projector steps (see the docstring)
     teacher_refine_lr: float = 0.03  # peak learning rate of that refinement
-    pool_cache: Optional[str] = None  # target latents kept here (safetensors); None = <out_dir>/pool_targets.safetensors
+    pool_cache: Optional[str] = None  # target latents kept here (safetensors); None: <out_dir>/pool_targets.safetensors
     truncation_min: float = 0.5  # source 'generator': per-sample psi drawn from [truncation_min, 1]
     w_avg_samples: int = 10000  # z samples for w_avg and the spread of W
 
