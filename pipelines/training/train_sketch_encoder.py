@@ -30,10 +30,10 @@ completion offset read from a code ``z``, drawn from a posterior that sees what 
 and the loss adds ``completion_kl_weight * KL(q(z) || p(z))``, p being N(0, I) or a learned prior.
 Complete sketches take ``z`` from the prior (``completion_prior_on_complete``), so what a finished
 drawing shows must come out whatever the code, and the code carries only what an unfinished one
-leaves open. ``init_from`` starts it from a deterministic encoder. ``completion_prior='learned'`` reads the prior from the
-sketch (see :mod:`models.stylegan2.sketch_encoder`), and ``completion_prior_share`` trains that
-share of the unfinished sketches with codes from the prior as well, as at inference: Sohn et
-al.'s hybrid of the CVAE and GSNN objectives. Trained only through the posterior, the code learns
+leaves open. ``init_from`` starts it from a deterministic encoder. ``completion_prior='learned'``
+reads the prior from the sketch (see :mod:`models.stylegan2.sketch_encoder`), and
+``completion_prior_share`` trains that share of the unfinished sketches with codes from the prior
+as well, as at inference: Sohn et al.'s hybrid of the CVAE and GSNN objectives. Trained only through the posterior, the code learns
 to carry what the sketch merely hints at (the brows of a surprised face), which a prior code then
 draws at random.
 
