@@ -33,9 +33,9 @@ drawing shows must come out whatever the code, and the code carries only what an
 leaves open. ``init_from`` starts it from a deterministic encoder. ``completion_prior='learned'``
 reads the prior from the sketch (see :mod:`models.stylegan2.sketch_encoder`), and
 ``completion_prior_share`` trains that share of the unfinished sketches with codes from the prior
-as well, as at inference: Sohn et al.'s hybrid of the CVAE and GSNN objectives. Trained only through the posterior, the code learns
-to carry what the sketch merely hints at (the brows of a surprised face), which a prior code then
-draws at random.
+as well, as at inference: Sohn et al.'s hybrid of the CVAE and GSNN objectives. Trained only
+through the posterior, the code learns to carry what the sketch merely hints at (the brows of a
+surprised face), which a prior code then draws at random.
 
 The student can only be as good as its targets. An e4e encoder at 64 px loses part of what a
 portrait shows (on 200 tuning portraits the evaluator reads the expression back from 68 % of the
