@@ -15,8 +15,9 @@
 - partial_sketch_attr_match (and partial_match_<attribute>): the same share on the 50 % sketches,
   where the details (mouth, glasses, accessory) are mostly not drawn yet;
 - alignment_gain: the same figures for a student trained without teacher alignment
-  (``--baseline``), on the 50 % sketches: partial attribute match (aligned minus baseline) and
-  FD ratio (``alignment_fd_gain``, baseline minus aligned), both reported.
+  (``--baseline``), on the 50 % sketches: partial attribute match (aligned minus baseline, with
+  ``alignment_gain_se``, its standard error paired over the same portraits) and FD ratio
+  (``alignment_fd_gain``, baseline minus aligned), both reported.
 """
 
 from __future__ import annotations
@@ -58,11 +59,22 @@ def attr_match(evaluator: Evaluator, outputs: list[Image.Image], portraits) -> f
     return float(np.mean(list(attr_match_by_attribute(evaluator, outputs, portraits).values())))
 
 
+def attr_hits(evaluator: Evaluator, outputs: list[Image.Image], portraits) -> dict[str, np.ndarray]:
+    """Per attribute, whether the evaluator reads the source portrait's value back from each output."""
+    read = evaluator.predict_attributes(outputs)
+    return {a: np.array([r[a] == getattr(p.attributes, a) for r, p in zip(read, portraits)]) for a in STRUCTURE}
+
+
 def attr_match_by_attribute(evaluator: Evaluator, outputs: list[Image.Image], portraits) -> dict[str, float]:
     """Share of portraits whose structural attribute the evaluator reads back, per attribute."""
-    read = evaluator.predict_attributes(outputs)
-    return {a: float(np.mean([r[a] == getattr(p.attributes, a) for r, p in zip(read, portraits)]))
-            for a in STRUCTURE}
+    return {a: float(hits.mean()) for a, hits in attr_hits(evaluator, outputs, portraits).items()}
+
+
+def paired_gain(hits: dict[str, np.ndarray], base_hits: dict[str, np.ndarray]) -> tuple[float, float]:
+    """Mean match difference over the same portraits, and its standard error: each portrait's share of
+    attributes read back by one student minus the other's, so the spread between portraits cancels."""
+    diff = np.mean([hits[a].astype(float) - base_hits[a].astype(float) for a in STRUCTURE], axis=0)
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
 
 
 def latency(pipe: SketchToImagePipeline, portraits, canvas: int = 512) -> list[float]:
@@ -112,7 +124,8 @@ def main() -> None:
     out_complete = outputs_for(pipe, complete)
     out_half = outputs_for(pipe, half)
     figures["complete_sketch_attr_match"] = attr_match(evaluator, out_complete, portraits)
-    by_attribute = attr_match_by_attribute(evaluator, out_half, portraits)
+    half_hits = attr_hits(evaluator, out_half, portraits)
+    by_attribute = {a: float(h.mean()) for a, h in half_hits.items()}
     figures["partial_sketch_attr_match"] = float(np.mean(list(by_attribute.values())))
     figures.update({f"partial_match_{a}": v for a, v in by_attribute.items()})
     figures["fd_world_random_samples"] = fd_random
@@ -124,13 +137,14 @@ def main() -> None:
         base = SketchToImagePipeline(G, load_sketch_encoder(args.baseline, device=device), evaluator=evaluator,
                                      colour_basis=basis)
         base_half = outputs_for(base, half)
-        base_by_attribute = attr_match_by_attribute(evaluator, base_half, portraits)
+        base_hits = attr_hits(evaluator, base_half, portraits)
+        base_by_attribute = {a: float(h.mean()) for a, h in base_hits.items()}
         figures["baseline_partial_sketch_attr_match"] = float(np.mean(list(base_by_attribute.values())))
         figures.update({f"baseline_partial_match_{a}": v for a, v in base_by_attribute.items()})
         figures["baseline_complete_sketch_attr_match"] = attr_match(evaluator, outputs_for(base, complete), portraits)
         figures["baseline_partial_fd_ratio"] = frechet_distance(evaluator.features(base_half),
                                                                 evaluator.features(real)) / fd_random
-        figures["alignment_gain"] = figures["partial_sketch_attr_match"] - figures["baseline_partial_sketch_attr_match"]
+        figures["alignment_gain"], figures["alignment_gain_se"] = paired_gain(half_hits, base_hits)
         figures["alignment_fd_gain"] = figures["baseline_partial_fd_ratio"] - figures["partial_fd_ratio"]
     write(figures, args.json, "benchmarks.sketch", card=Path(enc_path) if args.card else None)
 
