@@ -56,7 +56,7 @@ def outputs_for(pipe: SketchToImagePipeline, sketches: list[Image.Image], seed: 
 
 
 def attr_match(evaluator: Evaluator, outputs: list[Image.Image], portraits) -> float:
-    return float(np.mean(list(attr_match_by_attribute(evaluator, outputs, portraits).values())))
+    return float(np.mean(list(shares(attr_hits(evaluator, outputs, portraits)).values())))
 
 
 def attr_hits(evaluator: Evaluator, outputs: list[Image.Image], portraits) -> dict[str, np.ndarray]:
@@ -65,9 +65,9 @@ def attr_hits(evaluator: Evaluator, outputs: list[Image.Image], portraits) -> di
     return {a: np.array([r[a] == getattr(p.attributes, a) for r, p in zip(read, portraits)]) for a in STRUCTURE}
 
 
-def attr_match_by_attribute(evaluator: Evaluator, outputs: list[Image.Image], portraits) -> dict[str, float]:
+def shares(hits: dict[str, np.ndarray]) -> dict[str, float]:
     """Share of portraits whose structural attribute the evaluator reads back, per attribute."""
-    return {a: float(hits.mean()) for a, hits in attr_hits(evaluator, outputs, portraits).items()}
+    return {a: float(h.mean()) for a, h in hits.items()}
 
 
 def paired_gain(hits: dict[str, np.ndarray], base_hits: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -126,7 +126,7 @@ def main() -> None:
     out_half = outputs_for(pipe, half)
     figures["complete_sketch_attr_match"] = attr_match(evaluator, out_complete, portraits)
     half_hits = attr_hits(evaluator, out_half, portraits)
-    by_attribute = {a: float(h.mean()) for a, h in half_hits.items()}
+    by_attribute = shares(half_hits)
     figures["partial_sketch_attr_match"] = float(np.mean(list(by_attribute.values())))
     figures.update({f"partial_match_{a}": v for a, v in by_attribute.items()})
     figures["fd_world_random_samples"] = fd_random
@@ -139,7 +139,7 @@ def main() -> None:
                                      colour_basis=basis)
         base_half = outputs_for(base, half)
         base_hits = attr_hits(evaluator, base_half, portraits)
-        base_by_attribute = {a: float(h.mean()) for a, h in base_hits.items()}
+        base_by_attribute = shares(base_hits)
         figures["baseline_partial_sketch_attr_match"] = float(np.mean(list(base_by_attribute.values())))
         figures.update({f"baseline_partial_match_{a}": v for a, v in base_by_attribute.items()})
         figures["baseline_complete_sketch_attr_match"] = attr_match(evaluator, outputs_for(base, complete), portraits)
