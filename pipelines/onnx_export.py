@@ -46,7 +46,7 @@ from PIL import Image
 
 from pipelines.cards import write_card
 from pipelines.images import tensor_to_pil
-from pipelines.text_encoder import PACKAGE_NAME, minilm_path, tokenize_prompts
+from pipelines.text_encoder import PACKAGE_NAME, minilm_path, pad_states, tokenize_prompts, trim_padding
 from pipelines.text_to_image import (SCHEDULER_CLASSES, PortraitDiffusionPipeline, ProgressCallback,
                                      TextToImageOutput, scheduler_classes, check_negative_mode,
                                      check_sampling_inputs, denoise, negative_prompts)
@@ -378,8 +378,9 @@ class OnnxPortraitPipeline:
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
         """MiniLM token states [B, max_length, D] float32 (padding zeroed) and truncation flags."""
         input_ids, mask, truncated = tokenize_prompts(prompts, self.max_length, tokenizer=self.tokenizer)
+        input_ids, mask = trim_padding(input_ids, mask)            # the graph's token axis is dynamic
         hidden = self.text_encoder.run(None, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})[0]
-        return torch.from_numpy(hidden), truncated
+        return pad_states(torch.from_numpy(hidden), self.max_length), truncated
 
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """One UNet call: sample [B, C, h, w], a 0-d or [B] timestep, context [B, L, D] -> [B, C, h, w]."""

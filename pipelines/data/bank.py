@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ImageBank", "render_bank"]
+__all__ = ["ImageBank", "render_bank", "stroke_boxes", "region_weights"]
 
 
 @dataclass
@@ -123,3 +123,49 @@ def render_bank(n: int, *, size: int, seed: int = 0, split: str = "train",
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         bank.save(cache)
     return bank
+
+
+def stroke_boxes(bank: ImageBank, group: str = "eyes", *, cache: str | os.PathLike[str] | None = None) -> np.ndarray:
+    """[N, 4] float32 ``(x0, y0, x1, y1)`` boxes (normalised) of each bank image's ``group`` strokes
+    (:meth:`~pipelines.data.portrait_world.PortraitWorld.stroke_box`, from the seed the image was
+    rendered with); NaN rows for outlier images, which have no strokes. ``cache``: an ``.npz`` to
+    reuse (kept only for the same bank rendering, group and length)."""
+    from pipelines.data.portrait_world import PortraitWorld
+
+    meta = bank.meta or {}
+    if "seed" not in meta or "split" not in meta:
+        raise ValueError("the bank does not say how it was rendered (meta seed and split); render it with render_bank")
+    key = json.dumps({"bank": {k: meta[k] for k in sorted(meta)}, "group": group, "n": len(bank)}, sort_keys=True)
+    if cache is not None and Path(cache).exists():
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return z["boxes"]
+    world = PortraitWorld()
+    boxes = np.full((len(bank), 4), np.nan, dtype=np.float32)
+    for i in range(len(bank)):
+        if not bool(bank.is_outlier[i]):
+            boxes[i] = world.stroke_box(int(meta["seed"]) + int(bank.seeds[i]), split=meta["split"], group=group)
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(cache) + ".tmp.npz")
+        np.savez(tmp, boxes=boxes, key=np.array(key))
+        os.replace(tmp, cache)
+    return boxes
+
+
+def region_weights(boxes: np.ndarray, size: int, weight: float) -> torch.Tensor:
+    """[N, 1, size, size] float32 per-cell loss weights: ``1 + weight`` on the cells of a ``size`` x
+    ``size`` grid that the box overlaps, 1 elsewhere (and everywhere for a NaN box)."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be [N, 4], got {boxes.shape}")
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+    out = torch.ones(len(boxes), 1, size, size)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        if np.isnan(x0):
+            continue
+        c0, r0 = (max(0, min(size - 1, int(np.floor(v * size)))) for v in (x0, y0))
+        c1, r1 = (max(0, min(size, int(np.ceil(v * size)))) for v in (x1, y1))
+        out[i, 0, r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)] += weight
+    return out

@@ -661,6 +661,21 @@ class PortraitWorld:
         return Portrait(image=image, line_art=line_art, strokes=strokes, caption=caption,
                         attributes=attrs, seed=seed)
 
+    def stroke_box(self, seed: int, *, split: str = "train", group: str = "eyes") -> tuple[float, float, float, float]:
+        """Bounding box ``(x0, y0, x1, y1)``, normalised like the strokes (pose included), of the strokes
+        of ``group`` in ``sample(seed, split=split)``: the same geometry, without rasterising anything.
+        ``"eyes"`` covers both eyes with their lashes and brows (where a 64 px render keeps eye colour)."""
+        _check_seed(seed)
+        if group not in STROKE_GROUPS:
+            raise ValueError(f"group must be one of {STROKE_GROUPS}, got {group!r}")
+        attrs = self.sample_attributes(np.random.default_rng([seed, 1]), split=split)
+        u = np.random.default_rng(seed).random(_NUM_U)
+        scene, _ = _build_scene(attrs, u)
+        points = np.concatenate([st.points for st in _posed_strokes(scene, u) if st.group == group])
+        x0, y0 = points.min(axis=0)
+        x1, y1 = points.max(axis=0)
+        return float(x0), float(y0), float(x1), float(y1)
+
     def render_sketch(self, strokes: Sequence[Stroke], *, size: int, fraction: float = 1.0) -> Image.Image:
         """The first ``round(fraction * len(strokes))`` strokes, black on white ("L")."""
         _check_size(size)

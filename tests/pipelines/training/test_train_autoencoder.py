@@ -66,3 +66,18 @@ def test_decoder_only_fine_tune_keeps_the_encoder_and_its_factors(tmp_path):
     with pytest.raises(ValueError, match="does not match this config"):
         main(TINY[:6] + ["--block_out_channels", "8,16"] + TINY[8:] + cache
              + ["--out_dir", str(tmp_path / "c"), "--total_steps", "1", "--decoder_from", str(source)])
+
+
+@pytest.mark.slow
+def test_eye_weight_reweights_the_reconstruction_loss(tmp_path):
+    cache = tmp_path / "cache"
+    l1 = {}
+    for weight in ("0", "40"):
+        out = tmp_path / f"vae_{weight}"
+        main(TINY + ["--out_dir", str(out), "--bank_cache", str(cache), "--total_steps", "2", "--eye_weight", weight])
+        l1[weight] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["l1"]
+    assert l1["0"] != pytest.approx(l1["40"], rel=1e-4)               # same seed and batch, other weights
+    assert list(cache.glob("eyes_*.npz"))
+    with pytest.raises(ValueError, match="eye_weight must be >= 0"):
+        main(TINY + ["--out_dir", str(tmp_path / "bad"), "--eye_weight", "-0.5"])
+    assert not (tmp_path / "bad").exists()                              # refused before any run folder

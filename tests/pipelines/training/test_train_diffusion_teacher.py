@@ -75,6 +75,22 @@ def test_tiny_run_writes_a_pipeline_and_resumes(vae_path, tmp_path):
     assert result.images.shape == (1, 3, 64, 64) and torch.isfinite(result.images).all()
 
 
+@pytest.mark.slow
+def test_eye_weight_reweights_the_loss_over_the_eye_cells(vae_path, tmp_path):
+    cache = tmp_path / "cache"
+    losses = {}
+    for weight in ("0", "50"):
+        out = tmp_path / f"teacher_{weight}"
+        train_diffusion_teacher.main(UNET + ["--vae_path", str(vae_path), "--out_dir", str(out),
+                                             "--bank_cache", str(cache), "--total_steps", "2", "--eye_weight", weight])
+        losses[weight] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert losses["0"] != pytest.approx(losses["50"], rel=1e-4)       # same seed and batch, other weights
+    assert list(cache.glob("eyes_*.npz"))                               # the eye boxes were cached for the bank
+    with pytest.raises(ValueError, match="eye_weight must be >= 0"):
+        train_diffusion_teacher.main(UNET + ["--vae_path", str(vae_path), "--out_dir", str(tmp_path / "bad"),
+                                             "--eye_weight", "-1"])
+
+
 def test_lr_warms_up_then_decays_by_steps_or_time():
     from pipelines.training.train_diffusion_teacher import lr_at
 
