@@ -183,7 +183,7 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
                 fd_images: int = 256, teacher_steps: Sequence[int] = (10, 25, 50),
                 teacher_guidance: Sequence[float] = (4.0,), tolerance: float = 0.0, repeats: int = 5,
                 negative_attribute: str = "glasses=yes", negative_prompt: str | None = None,
-                nasa_scale: float = DEFAULT_NASA_SCALE, nasa_sweep: Sequence[float] = (1.0, 3.0),
+                nasa_scale: float = DEFAULT_NASA_SCALE, nasa_sweep: Sequence[float] = (0.5, 2.0, 3.0),
                 student_folder: str | Path | None = None, skip_onnx: bool = False,
                 text_encoder_path: str | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Every figure of the module docstring for loaded pipelines (``student_folder`` for the ONNX export)."""
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--negative_prompt", default=None, help="default: a phrase naming --negative_attribute")
     p.add_argument("--nasa_scale", type=float, default=DEFAULT_NASA_SCALE,
                    help="NASA strength of the headline negative_suppression (default: the pipeline's)")
-    p.add_argument("--nasa_sweep", type=_floats, default=[1.0, 3.0],
+    p.add_argument("--nasa_sweep", type=_floats, default=[0.5, 2.0, 3.0],
                    help="further NASA strengths reported as negative_suppression_s{scale} (comma list; '' = none)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up; medians reported")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
