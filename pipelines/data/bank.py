@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ImageBank", "render_bank", "stroke_boxes", "region_weights"]
+__all__ = ["ImageBank", "render_bank", "stroke_boxes", "region_weights", "bank_region_weights"]
 
 
 @dataclass
@@ -169,3 +169,12 @@ def region_weights(boxes: np.ndarray, size: int, weight: float) -> torch.Tensor:
         c1, r1 = (max(0, min(size, int(np.ceil(v * size)))) for v in (x1, y1))
         out[i, 0, r0:max(r1, r0 + 1), c0:max(c1, c0 + 1)] += weight
     return out
+
+
+def bank_region_weights(bank: ImageBank, size: int, weight: float, *, group: str = "eyes",
+                        cache_dir: str | os.PathLike[str] = "") -> torch.Tensor:
+    """:func:`region_weights` of the bank's ``group`` boxes on a ``size`` grid (pixels, or latent
+    cells); the boxes are cached in ``cache_dir`` next to the bank ("" = no cache)."""
+    meta = bank.meta or {}
+    name = f"{group}_n{len(bank)}_s{meta.get('size')}_seed{meta.get('seed')}_{meta.get('split')}.npz"
+    return region_weights(stroke_boxes(bank, group, cache=Path(cache_dir) / name if cache_dir else None), size, weight)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.cards import write_card
-from pipelines.data.bank import ImageBank, region_weights, render_bank, stroke_boxes
+from pipelines.data.bank import ImageBank, bank_region_weights, render_bank
 from pipelines.device import select_device, training_autocast
 from pipelines.images import make_grid, tensor_to_pil
 from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config,
@@ -240,10 +240,8 @@ def train(cfg: AutoencoderConfig) -> Path:
     images = train_bank.images.to(device)                          # [N, 3, H, W] uint8
     pixel_weights = None                                           # [N, 1, H, W] or uniform
     if cfg.eye_weight > 0:
-        cache = (Path(cfg.bank_cache) / f"eyes_n{len(train_bank)}_s{cfg.image_size}_seed{cfg.bank_seed}.npz"
-                 if cfg.bank_cache else None)
-        pixel_weights = region_weights(stroke_boxes(train_bank, "eyes", cache=cache), cfg.image_size,
-                                       cfg.eye_weight).to(device)
+        pixel_weights = bank_region_weights(train_bank, cfg.image_size, cfg.eye_weight,
+                                            cache_dir=cfg.bank_cache).to(device)
     use_bf16, autocast = training_autocast(device, cfg.mixed_precision)
 
     # 2. Network and optimiser.

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.cards import write_card
-from pipelines.data.bank import ImageBank, region_weights, stroke_boxes
+from pipelines.data.bank import ImageBank, bank_region_weights
 from pipelines.device import select_device, training_autocast
 from pipelines.images import make_grid
 from pipelines.text_encoder import PromptEncoder
@@ -301,9 +301,7 @@ def train(cfg: TeacherConfig) -> Path:
     latent_channels, latent_size = lat_mean.shape[1], lat_mean.shape[-1]
     cell_weights = None                                                           # [N, 1, h, w] or uniform
     if cfg.eye_weight > 0:
-        cache = (Path(cfg.bank_cache) / f"eyes_n{len(bank)}_s{cfg.image_size}_seed{cfg.bank_seed}.npz"
-                 if cfg.bank_cache else None)
-        cell_weights = region_weights(stroke_boxes(bank, "eyes", cache=cache), latent_size, cfg.eye_weight).to(device)
+        cell_weights = bank_region_weights(bank, latent_size, cfg.eye_weight, cache_dir=cfg.bank_cache).to(device)
     encoder = PromptEncoder.load(max_length=cfg.max_length, device=device)
     text_states, caption_ids, empty_id = encode_caption_bank(variants, encoder, store_dtype)
     if device.type == "cuda":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.data.bank import ImageBank, region_weights, render_bank, stroke_boxes
+from pipelines.data.bank import ImageBank, bank_region_weights, region_weights, render_bank, stroke_boxes
 from pipelines.data.portrait_world import PortraitWorld
 
 
@@ -62,3 +62,12 @@ def test_region_weights_cover_the_box_cells():
         region_weights(boxes, 16, -1.0)
     with pytest.raises(ValueError, match=r"\[N, 4\]"):
         region_weights(np.zeros((2, 3)), 16, 1.0)
+
+
+def test_bank_region_weights_cache_their_boxes_beside_the_bank(tmp_path):
+    bank = render_bank(4, size=64, seed=2, split="train", workers=1)
+    w = bank_region_weights(bank, 16, 3.0, cache_dir=tmp_path)
+    assert w.shape == (4, 1, 16, 16) and set(w.unique().tolist()) == {1.0, 4.0}
+    torch.testing.assert_close(w, region_weights(stroke_boxes(bank), 16, 3.0))
+    assert [f.name for f in tmp_path.glob("eyes_*.npz")] == ["eyes_n4_s64_seed2_train.npz"]
+    torch.testing.assert_close(bank_region_weights(bank, 16, 3.0), w)               # no cache folder
