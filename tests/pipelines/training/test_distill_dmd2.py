@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 from pipelines.training import distill_dmd2  # noqa: E402
 from pipelines.training.distill_dmd2 import (DMD2Config, GANHead, backward_simulation,  # noqa: E402
                                              bottleneck_features, distribution_matching_loss, lcm_timesteps,
-                                             student_scheduler)
+                                             make_student_unet, student_scheduler)
 from pipelines.training.train_diffusion_teacher import TeacherConfig, build_schedulers  # noqa: E402
 from tests._tiny import tiny_diffusion_unet, tiny_text_to_image_pipeline  # noqa: E402
 
@@ -117,6 +117,26 @@ def test_backward_simulation_feeds_step_k_with_the_generator_own_previous_output
     torch.testing.assert_close(x0[0], torch.full_like(x0[0], 0.5))
 
 
+def test_a_smaller_student_drops_the_outer_transformers_and_keeps_every_other_teacher_weight():
+    teacher = tiny_diffusion_unet().eval()
+    same = make_student_unet(teacher, ())
+    student = make_student_unet(teacher, (0,)).eval()
+    assert same is not teacher and same.config.down_block_types == teacher.config.down_block_types
+    assert list(student.config.down_block_types) == ["DownBlock2D", "DownBlock2D"]
+    assert list(student.config.up_block_types) == ["UpBlock2D", "UpBlock2D"]
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    dropped = set(t_state) - set(s_state)
+    assert dropped and all(k.startswith(("down_blocks.0.attentions.", "up_blocks.1.attentions.")) for k in dropped)
+    assert set(s_state) <= set(t_state)
+    for key, value in s_state.items():
+        assert torch.equal(value, t_state[key]), key
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([999, 500]), torch.randn(2, 5, 384)
+    with torch.no_grad():
+        out_t, out_s = (m(x, t, encoder_hidden_states=c).sample for m in (teacher, student))
+    assert out_s.shape == out_t.shape and not torch.allclose(out_s, out_t)   # the transformers did something
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+
+
 # -- config --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     ({"steps": 0}, "steps"),
@@ -128,6 +148,8 @@ def test_backward_simulation_feeds_step_k_with_the_generator_own_previous_output
     ({"teacher": "missing"}, "not a PortraitDiffusionPipeline folder"),
     ({"eval_prompts": -1}, "eval_prompts"),
     ({"evaluator": "no/such/evaluator"}, "evaluator"),
+    ({"student_drop_attention": (2,)}, "not a down-block index"),
+    ({"student_drop_attention": (1,)}, "no transformers to drop"),
 ])
 def test_bad_configs_are_refused_before_any_folder_is_created(teacher, tmp_path, overrides, message):
     out = tmp_path / "run"
@@ -178,8 +200,14 @@ def test_exported_students_generate_at_one_and_two_steps(teacher, one_step_run, 
     _, one_step = one_step_run
     out = tmp_path / "runs" / "dmd2_2step"
     two_step = distill_dmd2.main(run_args(teacher, out, steps=1, fake_updates=1, student_timesteps="999,499",
-                                          export_to=tmp_path / "exported", eval_prompts=0))
+                                          export_to=tmp_path / "exported", eval_prompts=0,
+                                          student_drop_attention="0"))
     assert two_step == tmp_path / "exported" and (out / "pipeline" / "model_index.json").exists()
+    # that student is also the smaller one: its UNet saved and loaded without the outer transformers
+    small = json.loads((two_step / "unet" / "config.json").read_text())
+    assert small["down_block_types"][0] == "DownBlock2D" and small["up_block_types"][-1] == "UpBlock2D"
+    assert "without the transformers of down blocks [0]" in json.loads((two_step / "card.json").read_text())[
+        "architecture"]
     for folder, steps in ((one_step, 1), (two_step, 2)):
         card = json.loads((folder / "card.json").read_text())
         assert card["figures"]["student_timesteps"] == [999, 499][:steps]
