@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from typing import Any
 
 __all__ = ["METHODS", "MethodSpec", "RunInfo", "RunManager", "RunError", "Estimate", "build_config"]
 
+ROOT = Path(__file__).resolve().parent.parent   # the scripts' working directory
 STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 
 
@@ -57,6 +59,8 @@ class MethodSpec:
     steps_field: str                 # the config field holding the step budget
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     base_field: str | None = None    # the config field naming the teacher / base model (a path)
+    attaches_to: str | None = None   # a part of the base generator (its sub-folder): the studio serves
+                                     # a copy of the base with the trained part in place
 
 
 METHODS: dict[str, MethodSpec] = {m.key: m for m in (
@@ -95,7 +99,7 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
     MethodSpec(
         key="stylegan_encoder", label="Inversion encoder (e4e)", module="pipelines.training.train_stylegan_encoder",
         config="pipelines.training.train_stylegan_encoder:EncoderTrainConfig", produces="stylegan_encoder",
-        export="encoder", steps_field="steps", base_field="generator",
+        export="encoder", steps_field="steps", base_field="generator", attaches_to="encoder",
         presets={
             "quick demo": dict(steps=100, batch=8, pool_size=256, channel_base=1024, channel_max=64,
                                image_loss_every=4, log_every=10, sample_every=50, checkpoint_every=50,
@@ -106,12 +110,22 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
     MethodSpec(
         key="sketch_encoder", label="Sketch encoder (AniFaceDrawing)", module="pipelines.training.train_sketch_encoder",
         config="pipelines.training.train_sketch_encoder:SketchEncoderTrainConfig", produces="sketch_encoder",
-        export="sketch_encoder", steps_field="steps", base_field="generator",
+        export="sketch_encoder", steps_field="steps", base_field="generator", attaches_to="sketch_encoder",
         presets={
             "quick demo": dict(steps=100, batch=8, pool_size=256, channel_base=1024, channel_max=64, log_every=10,
                                sample_every=50, checkpoint_every=50),
             "standard": dict(steps=3000, batch=16, pool_size=2000, channel_base=2048, channel_max=128,
                              checkpoint_every=250),
+        }),
+    MethodSpec(
+        key="clip_mapper", label="CLIP text mapper (StyleCLIP / CLIPInverter)",
+        module="pipelines.training.train_clip_mapper",
+        config="pipelines.training.train_clip_mapper:ClipMapperTrainConfig", produces="clip_mapper",
+        export="clip_mapper", steps_field="steps", base_field="generator", attaches_to="clip_mapper",
+        presets={
+            "quick demo": dict(steps=400, batch=8, pool_size=256, real_images=0, w_avg_samples=2000,
+                               eval_latents=16, log_every=20, sample_every=200, checkpoint_every=100),
+            "standard": dict(steps=1500, batch=8, pool_size=1000, real_images=1000, checkpoint_every=200),
         }),
     MethodSpec(
         key="clip", label="CLIP (contrastive, open_clip)", module="pipelines.training.train_clip",
@@ -417,7 +431,7 @@ class RunManager:
     def _popen(self, cmd: list[str], log: Any) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                **self.env}
-        root = Path(__file__).resolve().parent.parent
+        root = ROOT
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         nice = self.nice
         return subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -554,6 +568,35 @@ class RunManager:
 
     def runs(self) -> list[RunInfo]:
         return [self.info(n) for n in self.names()]
+
+    def servable(self, name: str) -> Path:
+        """The folder the studio serves a finished run's model from: the exported model, or, for a
+        part of a generator (an inversion encoder, a sketch encoder, a CLIP mapper),
+        ``<run>/with_generator/``: a copy of the run's base generator folder with the trained part
+        in place of its own (made once; a later call and a restarted studio find it)."""
+        info = self.info(name)
+        if info.state != "finished" or not info.export:
+            raise RunError(f"{name} is {info.state}; only a finished run can be used")
+        spec = self.methods[info.method]
+        if not spec.attaches_to:
+            return Path(info.export)
+        folder = Path(info.path)
+        bundle = folder / "with_generator"
+        if (bundle / "config.json").is_file():
+            return bundle
+        base = Path(str(self._read(folder / "config.json").get(spec.base_field) or ""))
+        base = base if base.is_absolute() else ROOT / base
+        if not (base / "config.json").is_file():
+            raise RunError(f"{name} trained a {spec.attaches_to} for the generator {base}, which is not a studio "
+                           "generator folder (config.json + model.safetensors) or no longer exists; copy the run's "
+                           f"{spec.export}/ into a generator folder as {spec.attaches_to}/ instead")
+        partial = folder / ".with_generator.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(base, partial, ignore=shutil.ignore_patterns(spec.attaches_to))
+        shutil.copytree(info.export, partial / spec.attaches_to)
+        shutil.rmtree(bundle, ignore_errors=True)
+        partial.rename(bundle)                       # whole or absent, even if the app dies midway
+        return bundle
 
 
 def _cuda_count() -> int:

@@ -34,17 +34,26 @@ def build_app(*, device: str | None = None, registry: ModelRegistry | None = Non
             t2i = text_to_image.build(registry, demo)  # None without a text-to-image model
             world = portrait_world.build(registry, demo)
             stylegan = stylegan_edit.build(registry, demo, runs_dir=runs_dir)
-            sketch.build(registry, demo, send_to=stylegan["receive"], tabs=tabs)
-            clip_edit.build(registry, demo, source_state=stylegan["session"])
+            drawing = sketch.build(registry, demo, send_to=stylegan["receive"], tabs=tabs)
+            clip = clip_edit.build(registry, demo, source_state=stylegan["session"])
             if on_spaces():
                 why = "This studio runs on Hugging Face Spaces, where training jobs are not started."
             elif not allow_training or runs_dir is None:
                 why = "The studio was started with `--no-train`."
             else:
                 why = ""
-            targets = {"stylegan2": stylegan["generator"]}
+            # "Use this model" in the Distill / train tab: which dropdowns list a new model, and which
+            # one selects it (the tab that serves what the run trained).
+            targets = [train.UseTarget("stylegan2", stylegan["generator"], selects=("stylegan2", "stylegan_encoder"))]
             if t2i is not None:
-                targets["text_to_image"] = t2i["model"]
+                targets += [train.UseTarget("text_to_image", t2i["model"], selects=("text_to_image",)),
+                            train.UseTarget("text_to_image", t2i["teacher"])]
+            if drawing is not None:
+                targets.append(train.UseTarget("stylegan2", drawing["generator"], selects=("sketch_encoder",),
+                                               choices=sketch.sketch_generators))
+            if clip is not None:
+                targets += [train.UseTarget("stylegan2", clip["generator"], selects=("clip_mapper",)),
+                            train.UseTarget("clip", clip["clip"], selects=("clip",))]
             train.build(registry, demo, runs_dir=runs_dir or "runs", enabled=not why, reason=why, targets=targets)
         # Hand-offs between tabs: the portrait goes to StyleGAN edit, which inverts it.
         world["send"].click(lambda image: (image, gr.Tabs(selected="stylegan_edit")), world["image"],

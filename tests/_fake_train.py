@@ -26,6 +26,7 @@ class FakeConfig:
     log_every: int = 1
     startup_seconds: float = 0.0  # sleep before the first step (data, models)
     memory_mb: int = 0  # hold this much memory while training
+    generator: str = ""  # a base model folder (the run-manager tests of parts of a generator)
 
     def validate(self) -> None:
         if self.steps <= 0:

@@ -195,4 +195,4 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, send_to: Any = None, tabs
                            api_name=False)
             else:
                 send.click(first, gallery, send_to, api_name=False)
-    return {"gallery": gallery, "canvas": canvas}
+    return {"gallery": gallery, "canvas": canvas, "generator": generator}

@@ -390,4 +390,4 @@ def build(registry: ModelRegistry, demo: gr.Blocks) -> dict[str, Any] | None:
         demo.load(lambda name: _model_updates(registry, name, registry.names("text_to_image")), model,
                   [steps, guidance, teacher, model_line], api_name=False)
         download.click(on_download, gallery, files, api_name=False)
-    return {"model": model, "gallery": gallery}
+    return {"model": model, "teacher": teacher, "gallery": gallery}

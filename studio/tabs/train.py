@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gradio as gr
@@ -16,7 +17,7 @@ import gradio as gr
 from pipelines.run_manager import METHODS, RunError, RunManager, _config_class
 from studio.registry import ASSETS_DIR, ModelRegistry, add_local
 
-__all__ = ["build", "key_fields", "format_eta"]
+__all__ = ["build", "key_fields", "format_eta", "UseTarget"]
 
 COLUMNS = ["run", "method", "state", "step", "progress", "ETA", "steps/s"]
 
@@ -47,11 +48,29 @@ def _default_base(method: str) -> str:
     return str(folder) if folder is not None and folder.exists() else ""
 
 
+@dataclasses.dataclass(frozen=True)
+class UseTarget:
+    """A model dropdown of another tab that "use this model" refreshes: its choices are the
+    registry's models of ``kind`` (filtered by ``choices`` when given), and it selects the new
+    model when the run's method produces one of ``selects``."""
+
+    kind: str
+    dropdown: Any
+    selects: tuple[str, ...] = ()
+    choices: Callable[[ModelRegistry], list[str]] | None = None
+
+    def update(self, registry: ModelRegistry, name: str, kind: str, produced: str) -> Any:
+        if kind != self.kind:
+            return gr.update()
+        names = self.choices(registry) if self.choices else registry.names(self.kind)
+        if produced in self.selects and name in names:
+            return gr.update(choices=names, value=name)
+        return gr.update(choices=names)
+
+
 def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: bool = True, reason: str = "",
-          targets: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Add the tab. ``targets``: registry kind -> a dropdown of another tab whose choices "use this
-    model" refreshes (e.g. ``{"stylegan2": <StyleGAN edit's generator dropdown>}``)."""
-    targets = targets or {}
+          targets: Sequence[UseTarget] = ()) -> dict[str, Any]:
+    """Add the tab. ``targets``: the other tabs' model dropdowns that "use this model" refreshes."""
     with gr.Tab("Distill / train", id="train"):
         if not enabled:
             gr.Markdown(f"### Training is off here\n{reason} Run the studio on your own machine "
@@ -169,21 +188,22 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: b
         on_cancel = run_action(manager.cancel, "cancelled (its last checkpoint is kept; Resume continues it)")
         on_resume = run_action(manager.resume, "resumed from its last checkpoint")
 
-        target_list = list(targets.items())
-
         def on_use(selected: str | None):
             if not selected:
                 raise gr.Error("choose a run first")
-            info = manager.info(selected)
-            if info.state != "finished" or not info.export:
-                raise gr.Error(f"{selected} is {info.state}; only a finished run can be used")
             try:
-                spec = add_local(registry, info.export, name=f"{selected} (run)", source="run")
+                folder = manager.servable(selected)
+                spec = add_local(registry, folder, name=f"{selected} (run)", source="run")
+            except RunError as exc:
+                raise gr.Error(str(exc)) from None
             except ValueError as exc:
                 raise gr.Error(f"{selected}'s result cannot be served: {exc}") from None
-            updates = [gr.update(choices=registry.names(kind), value=spec.name) if kind == spec.kind else gr.update()
-                       for kind, _ in target_list]
-            return [f"**{spec.name}** is now in the studio's {spec.kind} choices", *updates]
+            produced = METHODS[manager.info(selected).method].produces
+            updates = [t.update(registry, spec.name, spec.kind, produced) for t in targets]
+            where = f"the studio's {spec.kind} choices"
+            if produced != spec.kind:
+                where += f" (its base generator with the new {produced.replace('_', ' ')})"
+            return [f"**{spec.name}** is now in {where}", *updates]
 
         method.change(on_method, method, [base, preset, settings], api_name=False)
         preset.change(on_preset, [method, preset], settings, api_name=False)
@@ -193,5 +213,5 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: b
         run.change(refresh, run, [table, run, curve, sample, log], api_name=False, show_progress="hidden")
         cancel.click(on_cancel, run, message, api_name=False)
         resume.click(on_resume, run, message, api_name=False)
-        use.click(on_use, run, [message, *[c for _, c in target_list]], api_name=False)
+        use.click(on_use, run, [message, *[t.dropdown for t in targets]], api_name=False)
     return {"manager": manager}

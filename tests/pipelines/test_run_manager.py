@@ -14,8 +14,14 @@ FAKE = MethodSpec(key="fake", label="Fake", module="tests._fake_train", config="
                   presets={"quick demo": {"steps": 6, "step_seconds": 0.02}})
 
 
+# a part of a generator (as the inversion encoder, the sketch encoder and the CLIP mapper are)
+PART = MethodSpec(key="part", label="Part", module="tests._fake_train", config="tests._fake_train:FakeConfig",
+                  produces="fake_part", export="model", steps_field="steps", base_field="generator",
+                  attaches_to="encoder", presets={"quick demo": {"steps": 3, "step_seconds": 0.01}})
+
+
 def manager(tmp_path, **kw):
-    return RunManager(tmp_path / "runs", methods={"fake": FAKE}, nice=0, **kw)
+    return RunManager(tmp_path / "runs", methods={"fake": FAKE, "part": PART}, nice=0, **kw)
 
 
 def wait_for(fn, timeout=60.0):
@@ -150,3 +156,42 @@ def test_estimate_refuses_bad_settings_and_reports_a_failing_probe(tmp_path):
     with pytest.raises(RunError, match=r"(?s)probe of Fake failed.*RuntimeError: exploded at step 2"):
         m.estimate("fake", {"steps": 100, "fail_at": 2})
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_trained_part_is_served_inside_a_copy_of_its_base_generator(tmp_path):
+    base = tmp_path / "gen"
+    (base / "encoder").mkdir(parents=True)
+    (base / "sketch_encoder").mkdir()
+    (base / "config.json").write_text('{"architecture": "stylegan2-ada"}')
+    (base / "model.safetensors").write_bytes(b"weights")
+    (base / "encoder" / "old.txt").write_text("the base's own encoder")
+    (base / "sketch_encoder" / "config.json").write_text("{}")
+    m = manager(tmp_path)
+    plain = m.launch("fake", {}, preset="quick demo", name="plain")
+    name = m.launch("part", {"generator": str(base)}, preset="quick demo", name="enc")
+    broken = m.launch("part", {"generator": str(base), "fail_at": 2}, preset="quick demo", name="broken")
+    done = (lambda n, state="finished": m.poll() or m.info(n).state == state)
+    wait_for(lambda: done(plain) and done(name) and done(broken, "failed"))
+    with pytest.raises(RunError, match="broken is failed; only a finished run can be used"):
+        m.servable(broken)
+    assert m.servable(plain) == tmp_path / "runs" / "plain" / "model"          # a whole model: served as is
+
+    bundle = m.servable(name)
+    assert bundle == tmp_path / "runs" / "enc" / "with_generator"
+    assert (bundle / "model.safetensors").read_bytes() == b"weights"           # the base generator ...
+    assert (bundle / "sketch_encoder" / "config.json").is_file()                # ... with its other parts
+    assert not (bundle / "encoder" / "old.txt").exists()                        # ... but the trained encoder
+    assert (bundle / "encoder" / "value.txt").read_text() == (tmp_path / "runs" / "enc" / "model" / "value.txt"
+                                                              ).read_text()
+    assert (base / "encoder" / "old.txt").exists()                             # the base is untouched
+    stamp = (bundle / "config.json").stat().st_mtime_ns
+    assert m.servable(name) == bundle and (bundle / "config.json").stat().st_mtime_ns == stamp   # made once
+
+    # the base gone and no copy yet: a message, not a traceback
+    gone = m.launch("part", {"generator": str(base)}, preset="quick demo", name="enc2")
+    wait_for(lambda: done(gone))
+    import shutil
+    shutil.rmtree(base)
+    with pytest.raises(RunError, match="no longer exists"):
+        m.servable(gone)
+    assert not (tmp_path / "runs" / "enc2" / "with_generator").exists()

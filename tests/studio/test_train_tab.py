@@ -55,3 +55,27 @@ def test_estimate_button_shows_time_and_memory_before_launch(tmp_path, monkeypat
     with pytest.raises(gr.Error, match="not valid JSON"):
         estimate("fake", "", "quick demo", '{"steps": ')
     assert not any((tmp_path / "runs").iterdir())  # nothing launched, no scratch left
+
+
+def test_use_targets_list_the_new_model_and_select_it_only_in_the_tab_that_serves_it(tmp_path):
+    from studio.registry import ModelSpec
+    from studio.tabs.train import UseTarget
+
+    registry = ModelRegistry("cpu")
+    for name, kind in (("base", "stylegan2"), ("enc (run)", "stylegan2"), ("student", "text_to_image")):
+        registry.register(ModelSpec(name, kind, "local", str(tmp_path / name), loader=lambda *a: None))
+    drawn = ["base"]                                   # say only "base" carries a sketch encoder
+    edit = UseTarget("stylegan2", None, selects=("stylegan2", "stylegan_encoder"))
+    sketch = UseTarget("stylegan2", None, selects=("sketch_encoder",), choices=lambda r: drawn)
+    t2i = UseTarget("text_to_image", None, selects=("text_to_image",))
+
+    # an inversion encoder run: StyleGAN edit lists and selects it; the sketch tab's filter leaves it out
+    assert edit.update(registry, "enc (run)", "stylegan2", "stylegan_encoder") == {
+        "__type__": "update", "choices": ["base", "enc (run)"], "value": "enc (run)"}
+    assert sketch.update(registry, "enc (run)", "stylegan2", "stylegan_encoder") == {
+        "__type__": "update", "choices": ["base"]}
+    assert t2i.update(registry, "enc (run)", "stylegan2", "stylegan_encoder") == {"__type__": "update"}
+    # a sketch encoder run: listed and selected in the sketch tab, only listed in StyleGAN edit
+    drawn.append("enc (run)")
+    assert sketch.update(registry, "enc (run)", "stylegan2", "sketch_encoder")["value"] == "enc (run)"
+    assert "value" not in edit.update(registry, "enc (run)", "stylegan2", "sketch_encoder")
