@@ -47,7 +47,10 @@ __all__ = [
     "ModelNotCachedError",
     "UnsupportedModelError",
     "detect_family",
+    "is_lora_folder",
     "load_text_to_image",
+    "looks_like_hub_id",
+    "lora_teacher",
 ]
 
 FAMILIES = ("portrait", "sd-turbo", "sdxl-turbo", "sana-sprint", "dmd2", "lcm-lora")
@@ -97,6 +100,29 @@ def _not_cached(source: str, reason: str = "offline") -> ModelNotCachedError:
         "machine with a network (huggingface-cli download " f"{source}) or point to a local folder")
 
 
+def looks_like_hub_id(text: str | os.PathLike[str]) -> bool:
+    """``owner/name``: the form of a hub repository id (whether it exists is not checked)."""
+    return bool(_HUB_ID.fullmatch(str(text)))
+
+
+def is_lora_folder(path: str | os.PathLike[str]) -> bool:
+    """A LoRA export of the studio's DMD2 hub script: ``pytorch_lora_weights.safetensors`` and a
+    card naming its teacher, without a pipeline of its own."""
+    path = Path(path)
+    return (path / LORA_FILE).is_file() and (path / "card.json").is_file() and not (path / "model_index.json").exists()
+
+
+def lora_teacher(folder: str | os.PathLike[str]) -> str:
+    """The teacher (folder or hub id) that the card of a LoRA folder names."""
+    try:
+        teacher = json.loads((Path(folder) / "card.json").read_text())["config"]["teacher"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UnsupportedModelError(f"{folder}: its card.json does not name the teacher this LoRA was trained "
+                                    f"on ({type(exc).__name__}); load it with load_text_to_image(teacher, "
+                                    f"lora_weights={Path(folder) / LORA_FILE})") from None
+    return str(teacher)
+
+
 def resolve_source(source: str | os.PathLike[str]) -> Path:
     """A local folder as it is; a hub id from the local cache (downloaded only when online).
 
@@ -108,7 +134,7 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
             raise UnsupportedModelError(f"{path} is a file, not a model folder; {_SUPPORTED}")
         return path
     text = str(source)
-    if not _HUB_ID.fullmatch(text):
+    if not looks_like_hub_id(text):
         raise FileNotFoundError(f"{text!r}: no such folder, and not a hub id of the form owner/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -250,6 +276,10 @@ def load_text_to_image(source: str | os.PathLike[str], *, device: torch.device |
     """
     if family is not None and family not in FAMILIES:
         raise UnsupportedModelError(f"unknown family {family!r}; {_SUPPORTED}")
+    if lora_weights is None and unet_weights is None and is_lora_folder(source):
+        # a studio DMD2 LoRA run: its teacher, as the card names it, with these weights
+        return load_text_to_image(lora_teacher(source), device=device, dtype=dtype, family=family,
+                                  lora_weights=Path(source) / LORA_FILE, **kw)
     folder = resolve_source(source)
     if family is None:
         family = "dmd2" if unet_weights else "lcm-lora" if lora_weights else detect_family(folder)

@@ -39,6 +39,7 @@ from typing import Any
 __all__ = ["METHODS", "MethodSpec", "RunInfo", "RunManager", "RunError", "Estimate", "build_config"]
 
 ROOT = Path(__file__).resolve().parent.parent   # the scripts' working directory
+PROMPTS = ROOT / "pipelines" / "training" / "prompts" / "general.txt"   # hub teachers' default prompts
 STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 
 
@@ -59,6 +60,7 @@ class MethodSpec:
     steps_field: str                 # the config field holding the step budget
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     base_field: str | None = None    # the config field naming the teacher / base model (a path)
+    base_may_be_hub_id: bool = False  # the base may be a hub id (the script resolves it from the cache)
     attaches_to: str | None = None   # a part of the base generator (its sub-folder): the studio serves
                                      # a copy of the base with the trained part in place
 
@@ -75,6 +77,18 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
                                real_images=1500, captions_per_image=1, log_every=10, sample_every=85,
                                checkpoint_every=85, num_samples=4),
             "standard": dict(steps=4000, batch=64, real_images=20000, checkpoint_every=500),
+        }),
+    MethodSpec(
+        key="dmd2_hub", label="DMD2 LoRA for a Stable Diffusion 1.5 / SDXL teacher (GPU)",
+        module="pipelines.training.distill_dmd2_hub", config="pipelines.training.distill_dmd2_hub:HubDMD2Config",
+        produces="text_to_image", export="lora", steps_field="steps", base_field="teacher", base_may_be_hub_id=True,
+        presets={
+            # distribution matching alone (a GAN needs a folder of real photos: add "real_images" and
+            # "gan_weight"); prompts: a shipped list of general subjects, or your own "prompts_file"
+            "quick demo": dict(steps=300, batch=2, prompts_file=str(PROMPTS), real_images="", gan_weight=0.0,
+                               lora_rank=16, fake_lora_rank=16, log_every=10, checkpoint_every=100, num_samples=4),
+            "standard": dict(steps=2000, batch=4, prompts_file=str(PROMPTS), real_images="", gan_weight=0.0,
+                             checkpoint_every=250),
         }),
     MethodSpec(
         key="lcm", label="Latent consistency distillation (LCM, text to image)", module="pipelines.training.distill_lcm",
@@ -177,7 +191,7 @@ def build_config(spec: MethodSpec, params: Mapping[str, Any], out_dir: str | Pat
             module = importlib.import_module(spec.module)
             if hasattr(module, "validate_config"):
                 config = module.validate_config(config)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError) as exc:   # OSError: a missing file, an uncached hub id
         raise RunError(f"{spec.label}: {exc}") from None
     return config
 
@@ -348,8 +362,12 @@ class RunManager:
         with self._lock:
             if (folder / "launch.json").exists() or (folder / "config.json").exists():
                 raise RunError(f"{folder} already holds a run; resume it or choose another name")
-            if spec.base_field and values.get(spec.base_field) and not Path(str(values[spec.base_field])).exists():
-                raise RunError(f"{spec.base_field} {values[spec.base_field]!r} does not exist")
+            from pipelines.hub_models import looks_like_hub_id
+
+            base = str(values.get(spec.base_field) or "") if spec.base_field else ""
+            if base and not Path(base).exists() and not (spec.base_may_be_hub_id and looks_like_hub_id(base)):
+                raise RunError(f"{spec.base_field} {base!r} does not exist"
+                               + (" (nor is it a hub id, owner/name)" if spec.base_may_be_hub_id else ""))
             config = build_config(spec, values, folder)
             folder.mkdir(parents=True, exist_ok=True)
             self._write_launch(folder, {"method": method, "preset": preset, "argv": _to_argv(config),

@@ -130,6 +130,9 @@ def detect_kind(path: str | Path) -> str:
         path = path.parent
     if (path / "model_index.json").exists():
         return "text_to_image"
+    from pipelines.hub_models import is_lora_folder
+    if is_lora_folder(path):
+        return "text_to_image"   # a DMD2 LoRA run: its card's teacher with these weights
     if (path / "open_clip_config.json").exists():
         return "clip"
     config = path / "config.json"
@@ -143,7 +146,7 @@ def detect_kind(path: str | Path) -> str:
             return kinds[arch]
     raise ValueError(
         f"{path} is not a model folder the studio knows: expected a diffusers folder "
-        "(model_index.json), an open_clip folder (open_clip_config.json), a StyleGAN2 generator "
+        "(model_index.json), a studio LoRA run (pytorch_lora_weights.safetensors + card.json), an open_clip folder (open_clip_config.json), a StyleGAN2 generator "
         "(config.json + model.safetensors, or an official .pkl) or an evaluator folder")
 
 

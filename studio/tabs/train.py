@@ -42,6 +42,8 @@ def format_eta(seconds: float | None) -> str:
 
 def _default_base(method: str) -> str:
     spec = METHODS[method]
+    if spec.base_may_be_hub_id:   # a hub teacher: the script's own default id
+        return str(next(f.default for f in dataclasses.fields(_config_class(spec)) if f.name == spec.base_field))
     # the embedded model each kind of base defaults to (a teacher only once one is embedded)
     folder = {"generator": ASSETS_DIR / "stylegan2_portraits64", "teacher": ASSETS_DIR / "portrait_teacher"}.get(
         spec.base_field or "")
@@ -86,7 +88,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: b
             with gr.Column(scale=1):
                 method = gr.Dropdown([(s.label, k) for k, s in METHODS.items()], value=first, label="Method",
                                      elem_id="train_method")
-                base = gr.Textbox(_default_base(first), label="Teacher / base model (folder)",
+                base = gr.Textbox(_default_base(first), label="Teacher / base model (a folder, an earlier run's, or a hub id)",
                                   elem_id="train_base", visible=METHODS[first].base_field is not None)
                 preset = gr.Radio(list(METHODS[first].presets), value="quick demo", label="Preset",
                                   elem_id="train_preset")

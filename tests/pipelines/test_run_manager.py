@@ -195,3 +195,14 @@ def test_a_trained_part_is_served_inside_a_copy_of_its_base_generator(tmp_path):
     with pytest.raises(RunError, match="no longer exists"):
         m.servable(gone)
     assert not (tmp_path / "runs" / "enc2" / "with_generator").exists()
+
+
+def test_a_hub_teacher_id_passes_the_launch_check_and_an_uncached_one_is_refused_with_the_reason(tmp_path,
+                                                                                                monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    m = RunManager(tmp_path / "runs", nice=0)
+    with pytest.raises(RunError, match="not in the local|not cached|cache"):
+        m.launch("dmd2_hub", {"teacher": "nobody-here/no-such-model"}, preset="quick demo", name="hub")
+    with pytest.raises(RunError, match="does not exist"):
+        m.launch("dmd2", {"teacher": "nobody-here/no-such-model"}, preset="quick demo", name="local")
+    assert not (tmp_path / "runs" / "hub").exists() and not (tmp_path / "runs" / "local").exists()

@@ -223,3 +223,26 @@ def test_sigterm_checkpoints_stops_and_the_run_resumes_to_the_same_losses(data, 
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["loss_dm"] == pytest.approx(expected[1]["loss_dm"], rel=1e-5, abs=1e-7)
     assert (out / "lora" / LORA_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_a_lora_run_folder_is_served_as_its_teacher_with_the_lora(data, full_runs, tmp_path):
+    """What "use this model" does with a finished run: the folder alone is enough (its card names the teacher)."""
+    from studio.registry import detect_kind
+
+    out, lora = full_runs["sd15"]
+    folder = out / "lora"
+    assert detect_kind(folder) == "text_to_image"
+    served = load_text_to_image(folder, device="cpu", dtype=torch.float32)
+    direct = load_text_to_image(data / "sd15", lora_weights=folder / LORA_FILE, device="cpu", dtype=torch.float32)
+    assert served.family == "lcm-lora"
+    a, b = (p(prompt="a red cat", num_inference_steps=1, guidance_scale=1.0, output_type="pt",
+              generator=torch.Generator().manual_seed(0)).images for p in (served, direct))
+    torch.testing.assert_close(a, b)
+    # a LoRA folder whose card lost its teacher: a message naming the way out
+    broken = tmp_path / "lora"
+    broken.mkdir()
+    (broken / LORA_FILE).write_bytes((folder / LORA_FILE).read_bytes())
+    (broken / "card.json").write_text("{}")
+    with pytest.raises(ValueError, match="does not name the teacher"):
+        load_text_to_image(broken, device="cpu")
