@@ -39,6 +39,7 @@ from typing import Any
 __all__ = ["METHODS", "MethodSpec", "RunInfo", "RunManager", "RunError", "Estimate", "build_config"]
 
 ROOT = Path(__file__).resolve().parent.parent   # the scripts' working directory
+MEMORY_HEADROOM = 0.9   # a run may use at most this share of the memory free before it starts
 PROMPTS = ROOT / "pipelines" / "training" / "prompts" / "general.txt"   # hub teachers' default prompts
 STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 
@@ -261,6 +262,19 @@ class Estimate:
     peak_host_mb: float          # peak resident memory of the probe's process tree
     peak_cuda_mb: float | None   # peak allocated CUDA memory (None on the CPU)
     time_limit_seconds: float | None = None  # the run's max_train_minutes, when set
+    free_host_mb: float | None = None        # memory free when the probe ended (host; the first GPU)
+    free_cuda_mb: float | None = None
+
+    def memory_problem(self) -> str | None:
+        """Why the full run would not fit in the memory free now (None when it fits). The peak is the
+        probe's, at the run's own batch: a run keeps that peak for its whole length."""
+        for what, need, free in (("host memory", self.peak_host_mb, self.free_host_mb),
+                                 ("GPU memory", self.peak_cuda_mb, self.free_cuda_mb)):
+            if need is not None and free is not None and need > MEMORY_HEADROOM * free:
+                return (f"it needs about {need / 1024:.2f} GB of {what} (measured on {self.probe_steps} steps at "
+                        f"these settings) and {free / 1024:.2f} GB are free; lower the batch size (or the images "
+                        "held in memory) and estimate again")
+        return None
 
     @property
     def loop_seconds(self) -> float:
@@ -276,9 +290,11 @@ class Estimate:
         memory = f"peak memory {self.peak_host_mb / 1024:.2f} GB host"
         if self.peak_cuda_mb is not None:
             memory += f", {self.peak_cuda_mb / 1024:.2f} GB GPU"
+        problem = self.memory_problem()
         return (f"about {_duration(self.total_seconds)}: {self.steps} steps × {self.seconds_per_step:.3g} s"
                 f"{limit}, {self.startup_seconds:.0f} s to start, {self.finish_seconds:.0f} s to evaluate and "
-                f"export; {memory} (measured on {self.probe_steps} steps)")
+                f"export; {memory} (measured on {self.probe_steps} steps)"
+                + (f". ⚠️ Too big for this machine: {problem}; Launch refuses these settings" if problem else ""))
 
 
 def _duration(seconds: float) -> str:
@@ -321,6 +337,7 @@ class RunManager:
         self.python = python
         self.env = dict(env or {})
         self._procs: dict[str, subprocess.Popen] = {}
+        self._estimates: dict[str, Estimate] = {}   # settings -> their last estimate (the memory check)
         self._lock = threading.RLock()
 
     # -- files ------------------------------------------------------------------------------
@@ -350,7 +367,8 @@ class RunManager:
     def launch(self, method: str, params: Mapping[str, Any], *, name: str | None = None,
                preset: str | None = None) -> str:
         """Validate and start (or queue) a run; returns its name. Refused with :class:`RunError`
-        for bad settings, an unknown method or preset, or a folder that already holds a run."""
+        for bad settings, an unknown method or preset, a folder that already holds a run, or settings
+        whose :meth:`estimate` measured more memory than is free."""
         if method not in self.methods:
             raise RunError(f"unknown method {method!r}; one of {sorted(self.methods)}")
         spec = self.methods[method]
@@ -369,6 +387,9 @@ class RunManager:
                 raise RunError(f"{spec.base_field} {base!r} does not exist"
                                + (" (nor is it a hub id, owner/name)" if spec.base_may_be_hub_id else ""))
             config = build_config(spec, values, folder)
+            est = self._estimates.get(_settings_key(method, values))
+            if est is not None and (problem := est.memory_problem()):
+                raise RunError(f"{spec.label} would not fit: {problem}")
             folder.mkdir(parents=True, exist_ok=True)
             self._write_launch(folder, {"method": method, "preset": preset, "argv": _to_argv(config),
                                         "created": time.time(), "state": "queued", "pid": None,
@@ -501,7 +522,10 @@ class RunManager:
                 t_end = time.time()
             if proc.returncode != 0:
                 tail = (scratch / "log.txt").read_text(errors="replace").strip().splitlines()[-8:]
-                raise RunError(f"the probe of {spec.label} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+                killed = (" - killed, most likely out of memory: lower the batch size"
+                          if proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) else "")
+                raise RunError(f"the probe of {spec.label} failed (exit {proc.returncode}{killed}):\n"
+                               + "\n".join(tail))
             rows = [json.loads(line) for line in (scratch / "run" / "metrics.jsonl").read_text().splitlines()
                     if line.strip()]
             rows = [r for r in rows if "time" in r]
@@ -511,10 +535,14 @@ class RunManager:
             per_step = times[len(times) // 2] / max(1, rows[1]["step"] - rows[0]["step"])
             cuda = [r["cuda_peak_mb"] for r in rows if "cuda_peak_mb" in r]
             limit = getattr(full, "max_train_minutes", None)
-            return Estimate(steps=steps, probe_steps=n, startup_seconds=max(0.0, rows[0]["time"] - t0 - per_step),
-                            seconds_per_step=per_step, finish_seconds=max(0.0, t_end - rows[-1]["time"]),
-                            peak_host_mb=peak, peak_cuda_mb=max(cuda) if cuda else None,
-                            time_limit_seconds=60 * float(limit) if limit else None)
+            free_host, free_cuda = _free_memory_mb()
+            est = Estimate(steps=steps, probe_steps=n, startup_seconds=max(0.0, rows[0]["time"] - t0 - per_step),
+                           seconds_per_step=per_step, finish_seconds=max(0.0, t_end - rows[-1]["time"]),
+                           peak_host_mb=peak, peak_cuda_mb=max(cuda) if cuda else None,
+                           time_limit_seconds=60 * float(limit) if limit else None,
+                           free_host_mb=free_host, free_cuda_mb=free_cuda)
+            self._estimates[_settings_key(method, values)] = est
+            return est
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -615,6 +643,24 @@ class RunManager:
         shutil.rmtree(bundle, ignore_errors=True)
         partial.rename(bundle)                       # whole or absent, even if the app dies midway
         return bundle
+
+
+def _settings_key(method: str, values: Mapping[str, Any]) -> str:
+    return json.dumps([method, {k: values[k] for k in sorted(values)}], default=str)
+
+
+def _free_memory_mb() -> tuple[float | None, float | None]:
+    """Free host memory and free memory of the first GPU (None where unknown / absent), in MiB."""
+    host = cuda = None
+    try:
+        import psutil
+        host = psutil.virtual_memory().available / 2**20
+    except Exception:  # noqa: BLE001 - no psutil: no host check
+        pass
+    if _cuda_count():
+        import torch
+        cuda = torch.cuda.mem_get_info(0)[0] / 2**20
+    return host, cuda
 
 
 def _cuda_count() -> int:

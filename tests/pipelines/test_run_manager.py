@@ -206,3 +206,21 @@ def test_a_hub_teacher_id_passes_the_launch_check_and_an_uncached_one_is_refused
     with pytest.raises(RunError, match="does not exist"):
         m.launch("dmd2", {"teacher": "nobody-here/no-such-model"}, preset="quick demo", name="local")
     assert not (tmp_path / "runs" / "hub").exists() and not (tmp_path / "runs" / "local").exists()
+
+
+def test_settings_whose_estimate_exceeds_the_free_memory_are_refused_at_launch(tmp_path, monkeypatch):
+    from pipelines import run_manager
+
+    m = manager(tmp_path)
+    big = {"steps": 50, "memory_mb": 200}
+    monkeypatch.setattr(run_manager, "_free_memory_mb", lambda: (150.0, None))    # a small machine
+    est = m.estimate("fake", big, probe_steps=3)
+    assert est.peak_host_mb >= 200 and "GB of host memory" in est.memory_problem()
+    assert "Too big for this machine" in est.summary()
+    with pytest.raises(RunError, match=r"would not fit: it needs about 0\.\d+ GB of host memory .* lower the batch"):
+        m.launch("fake", big, name="big")
+    assert not (tmp_path / "runs" / "big").exists()
+    # smaller settings, estimated again, fit and launch
+    monkeypatch.setattr(run_manager, "_free_memory_mb", lambda: (4096.0, None))
+    assert m.estimate("fake", {"steps": 50, "memory_mb": 20}, probe_steps=3).memory_problem() is None
+    assert m.launch("fake", {"steps": 50, "memory_mb": 20}, name="small") == "small"
