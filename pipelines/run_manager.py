@@ -380,12 +380,7 @@ class RunManager:
         with self._lock:
             if (folder / "launch.json").exists() or (folder / "config.json").exists():
                 raise RunError(f"{folder} already holds a run; resume it or choose another name")
-            from pipelines.hub_models import looks_like_hub_id
-
-            base = str(values.get(spec.base_field) or "") if spec.base_field else ""
-            if base and not Path(base).exists() and not (spec.base_may_be_hub_id and looks_like_hub_id(base)):
-                raise RunError(f"{spec.base_field} {base!r} does not exist"
-                               + (" (nor is it a hub id, owner/name)" if spec.base_may_be_hub_id else ""))
+            _check_base(spec, values)
             config = build_config(spec, values, folder)
             est = self._estimates.get(_settings_key(method, values))
             if est is not None and (problem := est.memory_problem()):
@@ -491,8 +486,7 @@ class RunManager:
         if preset is not None and preset not in spec.presets:
             raise RunError(f"unknown preset {preset!r} for {spec.label}; one of {sorted(spec.presets)}")
         values = {**(spec.presets.get(preset, {}) if preset else {}), **dict(params)}
-        if spec.base_field and values.get(spec.base_field) and not Path(str(values[spec.base_field])).exists():
-            raise RunError(f"{spec.base_field} {values[spec.base_field]!r} does not exist")
+        _check_base(spec, values)
         scratch = Path(tempfile.mkdtemp(prefix=".estimate-", dir=self.runs_dir))
         try:
             full = build_config(spec, values, scratch / "run")
@@ -643,6 +637,16 @@ class RunManager:
         shutil.rmtree(bundle, ignore_errors=True)
         partial.rename(bundle)                       # whole or absent, even if the app dies midway
         return bundle
+
+
+def _check_base(spec: MethodSpec, values: Mapping[str, Any]) -> None:
+    """The teacher / base must exist (or, where the script takes one, be a hub id)."""
+    from pipelines.hub_models import looks_like_hub_id
+
+    base = str(values.get(spec.base_field) or "") if spec.base_field else ""
+    if base and not Path(base).exists() and not (spec.base_may_be_hub_id and looks_like_hub_id(base)):
+        raise RunError(f"{spec.base_field} {base!r} does not exist"
+                       + (" (nor is it a hub id, owner/name)" if spec.base_may_be_hub_id else ""))
 
 
 def _settings_key(method: str, values: Mapping[str, Any]) -> str:

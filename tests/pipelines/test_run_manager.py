@@ -203,6 +203,8 @@ def test_a_hub_teacher_id_passes_the_launch_check_and_an_uncached_one_is_refused
     m = RunManager(tmp_path / "runs", nice=0)
     with pytest.raises(RunError, match="not in the local|not cached|cache"):
         m.launch("dmd2_hub", {"teacher": "nobody-here/no-such-model"}, preset="quick demo", name="hub")
+    with pytest.raises(RunError, match="not in the local|not cached|cache"):      # the estimate checks the same
+        m.estimate("dmd2_hub", {"teacher": "nobody-here/no-such-model"}, preset="quick demo")
     with pytest.raises(RunError, match="does not exist"):
         m.launch("dmd2", {"teacher": "nobody-here/no-such-model"}, preset="quick demo", name="local")
     assert not (tmp_path / "runs" / "hub").exists() and not (tmp_path / "runs" / "local").exists()
