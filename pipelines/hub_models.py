@@ -109,7 +109,8 @@ def is_lora_folder(path: str | os.PathLike[str]) -> bool:
     """A LoRA export of the studio's DMD2 hub script: ``pytorch_lora_weights.safetensors`` and a
     card naming its teacher, without a pipeline of its own."""
     path = Path(path)
-    return (path / LORA_FILE).is_file() and (path / "card.json").is_file() and not (path / "model_index.json").exists()
+    return ((path / LORA_FILE).is_file() and (path / "card.json").is_file()
+            and not (path / "model_index.json").exists())
 
 
 def lora_teacher(folder: str | os.PathLike[str]) -> str:

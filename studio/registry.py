@@ -146,7 +146,8 @@ def detect_kind(path: str | Path) -> str:
             return kinds[arch]
     raise ValueError(
         f"{path} is not a model folder the studio knows: expected a diffusers folder "
-        "(model_index.json), a studio LoRA run (pytorch_lora_weights.safetensors + card.json), an open_clip folder (open_clip_config.json), a StyleGAN2 generator "
+        "(model_index.json), a studio LoRA run (pytorch_lora_weights.safetensors + card.json), an open_clip "
+        "folder (open_clip_config.json), a StyleGAN2 generator "
         "(config.json + model.safetensors, or an official .pkl) or an evaluator folder")
 
 

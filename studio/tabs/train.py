@@ -88,7 +88,8 @@ def build(registry: ModelRegistry, demo: gr.Blocks, *, runs_dir: str, enabled: b
             with gr.Column(scale=1):
                 method = gr.Dropdown([(s.label, k) for k, s in METHODS.items()], value=first, label="Method",
                                      elem_id="train_method")
-                base = gr.Textbox(_default_base(first), label="Teacher / base model (a folder, an earlier run's, or a hub id)",
+                base = gr.Textbox(_default_base(first),
+                                  label="Teacher / base model (a folder, an earlier run's, or a hub id)",
                                   elem_id="train_base", visible=METHODS[first].base_field is not None)
                 preset = gr.Radio(list(METHODS[first].presets), value="quick demo", label="Preset",
                                   elem_id="train_preset")
