@@ -653,18 +653,15 @@ def _settings_key(method: str, values: Mapping[str, Any]) -> str:
     return json.dumps([method, {k: values[k] for k in sorted(values)}], default=str)
 
 
-def _free_memory_mb() -> tuple[float | None, float | None]:
-    """Free host memory and free memory of the first GPU (None where unknown / absent), in MiB."""
-    host = cuda = None
-    try:
-        import psutil
-        host = psutil.virtual_memory().available / 2**20
-    except Exception:  # noqa: BLE001 - no psutil: no host check
-        pass
+def _free_memory_mb() -> tuple[float, float | None]:
+    """Free host memory and free memory of the first GPU (None without one), in MiB."""
+    import psutil
+
+    cuda = None
     if _cuda_count():
         import torch
         cuda = torch.cuda.mem_get_info(0)[0] / 2**20
-    return host, cuda
+    return psutil.virtual_memory().available / 2**20, cuda
 
 
 def _cuda_count() -> int:
