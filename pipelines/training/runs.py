@@ -40,6 +40,7 @@ __all__ = [
     "config_to_dict",
     "capture_rng_state",
     "restore_rng_state",
+    "resume_from_checkpoint",
     "seed_everything",
 ]
 
@@ -296,6 +297,20 @@ class RunFolder:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(obj, indent=1, default=str))
         os.replace(tmp, path)
+
+
+def resume_from_checkpoint(run: RunFolder, **objects: Any) -> tuple[int, dict[str, Any]]:
+    """Continue ``run`` from its latest checkpoint: each of ``objects`` (a module or optimiser, named by
+    its checkpoint key) loads its state, the RNGs are restored and metrics after the step dropped.
+    Returns ``(step, checkpoint)``."""
+    ckpt = run.load_checkpoint()
+    for key, obj in objects.items():
+        obj.load_state_dict(ckpt[key])
+    step = int(ckpt["step"])
+    restore_rng_state(ckpt["rng"])
+    run.truncate_metrics(step)
+    print(f"resumed {run.path} at step {step}", flush=True)
+    return step, ckpt
 
 
 class StopFlag:

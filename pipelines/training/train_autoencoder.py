@@ -32,7 +32,7 @@ from pipelines.data.bank import ImageBank, bank_region_weights, render_bank
 from pipelines.device import select_device, training_autocast
 from pipelines.images import make_grid, tensor_to_pil
 from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config,
-                                     restore_rng_state, seed_everything)
+                                     resume_from_checkpoint, seed_everything)
 
 __all__ = ["AutoencoderConfig", "build_autoencoder", "load_bank", "sobel_edges", "train", "main"]
 
@@ -258,13 +258,7 @@ def train(cfg: AutoencoderConfig) -> Path:
     # 3. Resume.
     step = 0
     if resumed:
-        ckpt = run.load_checkpoint()
-        vae.load_state_dict(ckpt["vae"])
-        opt.load_state_dict(ckpt["opt"])
-        step = int(ckpt["step"])
-        restore_rng_state(ckpt["rng"])
-        run.truncate_metrics(step)
-        print(f"resumed {run.path} at step {step}", flush=True)
+        step, _ = resume_from_checkpoint(run, vae=vae, opt=opt)
 
     def checkpoint() -> None:
         run.save_checkpoint(step, {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step,

@@ -50,7 +50,7 @@ from pipelines.data.bank import ImageBank, bank_region_weights
 from pipelines.device import select_device, training_autocast
 from pipelines.images import make_grid
 from pipelines.text_encoder import PromptEncoder
-from pipelines.text_to_image import PortraitDiffusionPipeline
+from pipelines.text_to_image import PortraitDiffusionPipeline, vae_posterior
 from pipelines.training.train_autoencoder import load_bank
 from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config,
                                      restore_rng_state, seed_everything)
@@ -214,13 +214,14 @@ def encode_caption_bank(variants: list[list[str]], encoder: PromptEncoder, dtype
 @torch.no_grad()
 def encode_latent_bank(vae, bank: ImageBank, device: torch.device,
                        batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of every bank image's latent distribution, [N, C, h, w] float32 on ``device``."""
+    """(mean, std) of every bank image's latent distribution, [N, C, h, w] float32 on ``device`` (the
+    std is zero for an ``AutoencoderTiny``, which encodes deterministically)."""
     means, stds = [], []
     for start in range(0, len(bank), batch):
         idx = torch.arange(start, min(start + batch, len(bank)))
-        dist = vae.encode(bank.batch(idx, device)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
+        mean, std = vae_posterior(vae, bank.batch(idx, device))
+        means.append(mean.float())
+        stds.append(std.float())
     return torch.cat(means), torch.cat(stds)
 
 

@@ -45,7 +45,8 @@ def _default_base(method: str) -> str:
     if spec.base_may_be_hub_id:   # a hub teacher: the script's own default id
         return str(next(f.default for f in dataclasses.fields(_config_class(spec)) if f.name == spec.base_field))
     # the embedded model each kind of base defaults to (a teacher only once one is embedded)
-    folder = {"generator": ASSETS_DIR / "stylegan2_portraits64", "teacher": ASSETS_DIR / "portrait_teacher"}.get(
+    folder = {"generator": ASSETS_DIR / "stylegan2_portraits64", "teacher": ASSETS_DIR / "portrait_teacher",
+              "source": ASSETS_DIR / "portrait_teacher"}.get(
         spec.base_field or "")
     return str(folder) if folder is not None and folder.exists() else ""
 

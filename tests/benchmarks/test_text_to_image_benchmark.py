@@ -101,3 +101,30 @@ def test_figures_for_with_two_images_per_prompt_and_a_guidance_sweep(folders):
         assert math.isfinite(figures[key]), key
     with pytest.raises(ValueError, match="NAME=VALUE"):
         bench.figures_for(None, None, None, negative_attribute="glasses")
+
+
+def test_a_student_with_a_tiny_decoder_is_also_timed_and_scored_with_the_teachers(folders):
+    from diffusers import AutoencoderTiny
+
+    from pipelines.evaluation import Evaluator
+    from pipelines.text_to_image import PortraitDiffusionPipeline
+
+    load = lambda name: PortraitDiffusionPipeline.from_pretrained(folders / name, device="cpu",  # noqa: E731
+                                                                  dtype=torch.float32)
+    teacher, student = load("teacher"), load("student")
+    torch.manual_seed(0)
+    student.vae = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                                  num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).eval()
+    common = dict(prompts=2, images_per_prompt=1, fd_images=3, teacher_steps=(1,), repeats=1, skip_onnx=True,
+                  nasa_sweep=())
+    evaluator = Evaluator.from_pretrained(folders / "evaluator")
+    figures = bench.figures_for(teacher, student, evaluator, **common)
+    assert figures["student_autoencoder"] == "AutoencoderTiny"
+    for key in ("student_adherence_full_decoder", "fd_ratio_full_decoder", "speedup_full_decoder",
+                "student_full_decoder_batch_ms", "student_full_decoder_decoding_ms"):
+        assert math.isfinite(figures[key]), key
+    # the same UNet and noise decoded two ways: the FD figures differ, the KL one is the plain student's
+    plain = bench.figures_for(teacher, load("student"), evaluator, **common)
+    assert plain["student_autoencoder"] == "AutoencoderKL" and "speedup_full_decoder" not in plain
+    assert figures["fd_world_student_full_decoder"] == pytest.approx(plain["fd_world_student"])
+    assert figures["fd_world_student"] != pytest.approx(plain["fd_world_student"])

@@ -226,3 +226,18 @@ def test_tokenizer_matches_encode_prompts(eager):
     _, ref_mask, ref_truncated = encode_prompts(["red hair", ""], 16, text_encoder=eager.text_encoder,
                                                 tokenizer=eager.tokenizer)
     assert ids.shape == (2, 16) and torch.equal(mask, ref_mask) and truncated == ref_truncated
+
+
+def test_a_tiny_autoencoder_exports_and_matches(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    pipe = tiny_text_to_image_pipeline(*load_text_encoder())
+    torch.manual_seed(0)
+    pipe.vae = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                               num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).eval()
+    folder = export_onnx(pipe.save_pretrained(tmp_path / "pipe"), tmp_path / "onnx")
+    config = json.loads((folder / ONNX_CONFIG_NAME).read_text())
+    assert config["image_size"] == [16, 16] and (config["scaling_factor"], config["shift_factor"]) == (1.0, 0.0)
+    onnx_pipe = OnnxPortraitPipeline.from_pretrained(folder, providers=["CPUExecutionProvider"])
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert (onnx_pipe.decode_latents(latents) - pipe.decode_latents(latents)).abs().max() / 2 <= 1e-5

@@ -197,6 +197,35 @@ def test_a_trained_part_is_served_inside_a_copy_of_its_base_generator(tmp_path):
     assert not (tmp_path / "runs" / "enc2" / "with_generator").exists()
 
 
+def test_a_tiny_autoencoder_run_is_served_inside_a_copy_of_its_base_pipeline(tmp_path):
+    import json
+
+    base = tmp_path / "teacher"
+    for sub in ("unet", "vae", "scheduler"):
+        (base / sub).mkdir(parents=True)
+        (base / sub / "config.json").write_text(json.dumps({"_class_name": f"{sub} class"}))
+    index = {"_class_name": "PortraitDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]}
+    (base / "model_index.json").write_text(json.dumps(index))
+    vae_part = MethodSpec(key="vae_part", label="VAE part", module="tests._fake_train",
+                          config="tests._fake_train:FakeConfig", produces="text_to_image", export="model",
+                          steps_field="steps", base_field="generator", attaches_to="vae",
+                          presets={"quick demo": {"steps": 3, "step_seconds": 0.01}})
+    m = RunManager(tmp_path / "runs", methods={"vae_part": vae_part}, nice=0)
+    name = m.launch("vae_part", {"generator": str(base)}, preset="quick demo", name="tiny")
+    wait_for(lambda: m.poll() or m.info(name).state == "finished")
+    export = tmp_path / "runs" / "tiny" / "model"
+    (export / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny"}))
+
+    bundle = m.servable(name)
+    assert bundle == tmp_path / "runs" / "tiny" / "with_pipeline"
+    assert json.loads((bundle / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderTiny"]
+    assert json.loads((bundle / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderTiny"
+    assert (bundle / "unet" / "config.json").is_file() and (bundle / "scheduler" / "config.json").is_file()
+    assert json.loads((base / "model_index.json").read_text())["vae"][1] == "AutoencoderKL"   # base untouched
+    assert m.servable(name) == bundle
+
+
 def test_a_hub_teacher_id_passes_the_launch_check_and_an_uncached_one_is_refused_with_the_reason(tmp_path,
                                                                                                 monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

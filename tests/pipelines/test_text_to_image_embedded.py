@@ -91,6 +91,53 @@ def test_copy_swaps_in_a_decoder_fine_tune_and_refuses_another_encoder(minilm, t
     assert (dst / "model_index.json").is_file()                # the refused copy left dst as it was
 
 
+@pytest.mark.slow
+def test_a_distilled_tiny_autoencoder_swaps_in_and_decodes(minilm, tmp_path, capsys):
+    from diffusers import AutoencoderTiny
+
+    from pipelines.text_to_image import main as copy_main
+    from pipelines.training.distill_tiny_vae import main as distill
+
+    pipe = tiny_pipeline(*minilm)
+    src = pipe.save_pretrained(tmp_path / "src")
+    tiny_folder = distill(["--source", str(src), "--out_dir", str(tmp_path / "run"), "--num_images", "8",
+                           "--val_images", "2", "--workers", "1", "--bank_cache", str(tmp_path / "cache"),
+                           "--channels", "8", "--encoder_blocks", "1,1", "--decoder_blocks", "1,1",
+                           "--batch_size", "4", "--total_steps", "2", "--device", "cpu"])
+    dst = copy_main([str(src), str(tmp_path / "dst"), "--dtype", "float32", "--vae", str(tiny_folder)])
+    assert json.loads((dst / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderTiny"]
+    assert "tiny autoencoder" in json.loads((dst / "vae" / "card.json").read_text())["title"]
+    loaded = PortraitDiffusionPipeline.from_pretrained(dst, device="cpu", dtype=torch.float32)
+    assert isinstance(loaded.vae, AutoencoderTiny) and loaded.image_size == 16
+    assert loaded.latent_scale_shift() == (1.0, 0.0)      # its latents are the UNet's own
+
+    out = loaded(prompt="a portrait with red hair", num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 3, 16, 16)
+    tiny = AutoencoderTiny.from_pretrained(tiny_folder)
+    with torch.no_grad():
+        torch.testing.assert_close(out.images, tiny.decode(out.latents).sample.clamp(-1, 1))
+    with torch.no_grad():
+        reference = pipe(prompt="a portrait with red hair", num_inference_steps=2, output_type="pt",
+                         generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.latents, reference.latents)   # same UNet, same latents; only decoding differs
+
+    x = out.images
+    encoded = loaded.encode_images(x)
+    assert encoded.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(encoded, loaded.encode_images(x, sample=True))   # deterministic encoder
+    with torch.no_grad():
+        torch.testing.assert_close(encoded, tiny.encode(x).latents)
+
+    # a tiny autoencoder of other latents does not fit
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=8).save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit):
+        copy_main([str(src), str(tmp_path / "dst2"), "--vae", str(tmp_path / "other")])
+    assert "needs 4 channels" in capsys.readouterr().err
+    assert not (tmp_path / "dst2").exists()
+
+
 def test_guidance_and_negative_prompt_change_the_output(minilm):
     pipe = tiny_pipeline(*minilm)
     common = dict(prompt="blue hair", num_inference_steps=2, output_type="latent")
