@@ -205,7 +205,8 @@ def export_onnx(pipeline_folder: str | os.PathLike[str], out_dir: str | os.PathL
     (out_dir / ONNX_CONFIG_NAME).write_text(json.dumps(config, indent=1))
     write_card(
         out_dir, title=f"{pipeline_folder.name} (ONNX)", task="text-to-image (ONNX Runtime)",
-        architecture=f"ONNX opset {opset}: MiniLM text encoder, UNet2DConditionModel, AutoencoderKL decoder; "
+        architecture=f"ONNX opset {opset}: MiniLM text encoder, UNet2DConditionModel, "
+                     f"{type(pipe.vae).__name__} decoder; "
                      f"latents {c}x{h}x{w}; {config['prediction_type']} prediction"
                      + ("; int8 dynamic quantisation of the text encoder and UNet" if quantize_int8 else ""),
         source=f"ONNX export of the PortraitDiffusionPipeline at {pipeline_folder}",

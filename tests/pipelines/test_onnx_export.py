@@ -238,6 +238,7 @@ def test_a_tiny_autoencoder_exports_and_matches(tmp_path):
     folder = export_onnx(pipe.save_pretrained(tmp_path / "pipe"), tmp_path / "onnx")
     config = json.loads((folder / ONNX_CONFIG_NAME).read_text())
     assert config["image_size"] == [16, 16] and (config["scaling_factor"], config["shift_factor"]) == (1.0, 0.0)
+    assert "AutoencoderTiny decoder" in json.loads((folder / "card.json").read_text())["architecture"]
     onnx_pipe = OnnxPortraitPipeline.from_pretrained(folder, providers=["CPUExecutionProvider"])
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     assert (onnx_pipe.decode_latents(latents) - pipe.decode_latents(latents)).abs().max() / 2 <= 1e-5
