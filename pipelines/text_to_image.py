@@ -37,7 +37,7 @@ from pipelines.images import tensor_to_pil
 from pipelines.text_encoder import DEFAULT_MAX_LENGTH, PACKAGE_NAME, encode_prompts, load_text_encoder
 
 __all__ = ["DEFAULT_NASA_SCALE", "PortraitDiffusionPipeline", "TextToImageOutput", "SCHEDULER_CLASSES",
-           "VAE_CLASSES", "check_sampling_inputs", "copy_pipeline", "denoise", "negative_prompts",
+           "VAE_CLASSES", "check_sampling_inputs", "copy_pipeline", "denoise", "load_vae", "negative_prompts",
            "scheduler_classes", "vae_posterior", "vae_scale_shift"]
 
 # The autoencoders a pipeline folder's vae/ may hold: the full one, or a tiny one distilled to its latents.
@@ -325,12 +325,11 @@ class PortraitDiffusionPipeline:
         draws from the posterior (an ``AutoencoderTiny`` has none: its encoding is deterministic)."""
         scale, shift = self.latent_scale_shift()
         vae_param = next(self.vae.parameters())
-        mean, std = vae_posterior(self.vae, images.to(vae_param.device, vae_param.dtype))
+        z, std = vae_posterior(self.vae, images.to(vae_param.device, vae_param.dtype))
         if sample:
             from diffusers.utils.torch_utils import randn_tensor
 
-            mean = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z = mean
+            z = z + std * randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         return ((z - shift) * scale).to(self.unet.dtype)
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ from pipelines.cards import write_card
 from pipelines.data.bank import bank_region_weights
 from pipelines.device import select_device, training_autocast
 from pipelines.images import make_grid, tensor_to_pil
+from pipelines.text_to_image import load_vae
 from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config,
                                      resume_from_checkpoint, seed_everything)
 from pipelines.training.train_autoencoder import (VAL_SEED_OFFSET, FINISH_RESERVE_S, load_bank, lr_at, psnr,
@@ -101,19 +102,16 @@ def build_tiny_vae(cfg: TinyVAEConfig, latent_channels: int, levels: int):
 
 def load_source_vae(source: str | os.PathLike[str]):
     """The ``AutoencoderKL`` of ``source``: a pipeline folder (its ``vae/``) or a VAE folder."""
-    from diffusers import AutoencoderKL
-
     source = Path(source)
     folder = source / "vae" if (source / "vae" / "config.json").is_file() else source
-    config = folder / "config.json"
-    if not config.is_file():
+    if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"source {source} is neither a text-to-image pipeline folder (with vae/) nor an "
                                 "autoencoder folder (with config.json)")
-    kind = __import__("json").loads(config.read_text()).get("_class_name")
-    if kind != "AutoencoderKL":
-        raise ValueError(f"source {folder} holds a {kind}, not an AutoencoderKL: a tiny autoencoder is "
-                         "distilled from the full one")
-    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval().requires_grad_(False)
+    vae = load_vae(folder, torch_dtype=torch.float32)
+    if type(vae).__name__ != "AutoencoderKL":
+        raise ValueError(f"source {folder} holds a {type(vae).__name__}, not an AutoencoderKL: a tiny autoencoder "
+                         "is distilled from the full one")
+    return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -144,13 +142,14 @@ def evaluate(tiny, vae, images: torch.Tensor, latents: torch.Tensor, batch: int 
         x, z = images[start:start + batch], latents[start:start + batch]
         tiny_rec = tiny.decode(z).sample.float().clamp(-1, 1)
         source_rec = decode_source(vae, z)
-        round_rec = tiny.decode(tiny.encode(x).latents).sample.float().clamp(-1, 1)
+        tiny_z = tiny.encode(x).latents
+        round_rec = tiny.decode(tiny_z).sample.float().clamp(-1, 1)
         n = len(x)
         sums["val_psnr_db"] += psnr(tiny_rec, x).item() * n
         sums["source_psnr_db"] += psnr(source_rec, x).item() * n
         sums["roundtrip_psnr_db"] += psnr(round_rec, x).item() * n
         sums["agreement_psnr_db"] += psnr(tiny_rec, source_rec).item() * n
-        sums["encoder_rmse"] += (tiny.encode(x).latents.float() - z).pow(2).mean().item() * n
+        sums["encoder_rmse"] += (tiny_z.float() - z).pow(2).mean().item() * n
     out = {k: v / len(images) for k, v in sums.items()}
     out["encoder_rmse"] = out["encoder_rmse"] ** 0.5
     return out
