@@ -36,8 +36,8 @@ from pipelines.images import make_grid, tensor_to_pil
 from pipelines.text_to_image import load_vae
 from pipelines.training.runs import (RunFolder, capture_rng_state, config_to_dict, parse_config,
                                      resume_from_checkpoint, seed_everything)
-from pipelines.training.train_autoencoder import (VAL_SEED_OFFSET, FINISH_RESERVE_S, load_bank, lr_at, psnr,
-                                                  sobel_edges)
+from pipelines.training.train_autoencoder import (VAL_SEED_OFFSET, FINISH_RESERVE_S, load_bank, psnr,
+                                                  set_scheduled_lr, sobel_edges)
 
 __all__ = ["TinyVAEConfig", "build_tiny_vae", "load_source_vae", "train", "main"]
 
@@ -236,12 +236,8 @@ def train(cfg: TinyVAEConfig) -> Path:
     loop_budget = 60 * cfg.max_minutes - (t_loop - t_start) - FINISH_RESERVE_S
     t_log, seen = time.perf_counter(), 0
     while step < cfg.total_steps:
-        time_fraction = (time.perf_counter() - t_loop) / max(loop_budget, 1.0) if cfg.max_minutes > 0 else 0.0
-        if time_fraction >= 1.0:
-            print(f"time budget of {cfg.max_minutes} min reached at step {step}", flush=True)
+        if not set_scheduled_lr(opt, step, t_loop, loop_budget, cfg):
             break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, time_fraction, cfg)
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), device=device)
         x = images[idx].float().div_(127.5).sub_(1.0)                   # [B, 3, H, W] in [-1, 1]
         mean = lat_mean[idx]

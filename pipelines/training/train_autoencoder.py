@@ -150,6 +150,18 @@ def lr_at(step: int, time_fraction: float, cfg: AutoencoderConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def set_scheduled_lr(opt, step: int, t_loop: float, loop_budget: float, cfg) -> bool:
+    """Set ``opt``'s learning rate for ``step`` (:func:`lr_at`, fitted to the wall-time budget of a
+    training loop started at ``t_loop``); False, with a message, once ``cfg.max_minutes`` is spent."""
+    time_fraction = (time.perf_counter() - t_loop) / max(loop_budget, 1.0) if cfg.max_minutes > 0 else 0.0
+    if time_fraction >= 1.0:
+        print(f"time budget of {cfg.max_minutes} min reached at step {step}", flush=True)
+        return False
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, time_fraction, cfg)
+    return True
+
+
 def render_workers(requested: int = 0) -> int:
     """``requested`` render processes, or (0) one per CPU this process may use, at most 16."""
     if requested > 0:
@@ -279,12 +291,8 @@ def train(cfg: AutoencoderConfig) -> Path:
     loop_budget = 60 * cfg.max_minutes - (t_loop - t_start) - FINISH_RESERVE_S
     t_log, seen = time.perf_counter(), 0
     while step < cfg.total_steps:
-        time_fraction = (time.perf_counter() - t_loop) / max(loop_budget, 1.0) if cfg.max_minutes > 0 else 0.0
-        if time_fraction >= 1.0:
-            print(f"time budget of {cfg.max_minutes} min reached at step {step}", flush=True)
+        if not set_scheduled_lr(opt, step, t_loop, loop_budget, cfg):
             break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, time_fraction, cfg)
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), device=device)
         x = images[idx].float().div_(127.5).sub_(1.0)                   # [B, 3, H, W] in [-1, 1]
         w = pixel_weights[idx] if pixel_weights is not None else None   # [B, 1, H, W]
