@@ -26,6 +26,12 @@ the share of the attributes a prompt names that the evaluator reads in its image
   without the negative prompt minus with it; at the pipeline's NASA strength (``--nasa_scale``,
   ``negative_nasa_scale``), and ``negative_suppression_s{scale}`` for each of ``--nasa_sweep``;
 - student_latency_ms: one prompt, one image, end to end;
+- autoencoder_ceiling: the adherence of ``--ceiling_images`` held-out renders after the teacher's
+  autoencoder (encoded to the posterior mean, decoded), each scored against its own caption; what
+  the teacher could reach at best through that decoder (student_autoencoder_ceiling: the student's
+  decoder on the same latents; real_adherence: the renders themselves). The captions' attribute mix
+  differs from the prompt set's, so compare per attribute: adherence_by_attribute (JSON only) gives
+  the teacher's, the student's and the ceilings' share for each attribute;
 - student_autoencoder: the student's autoencoder class. When it is not the teacher's (a tiny decoder
   distilled by ``pipelines.training.distill_tiny_vae``), the student's UNet is also decoded by the
   teacher's autoencoder: student_adherence_full_decoder, fd_ratio_full_decoder, speedup_full_decoder.
@@ -47,10 +53,11 @@ import torch
 
 from benchmarks.common import parser, write
 from pipelines.data.portrait_world import ATTRIBUTES, PortraitWorld, caption_attributes
-from pipelines.evaluation import EMBEDDED_EVALUATOR, Evaluator, frechet_distance, prompt_adherence
+from pipelines.evaluation import (EMBEDDED_EVALUATOR, Evaluator, adherence_by_attribute, frechet_distance,
+                                 prompt_adherence)
 from pipelines.text_to_image import DEFAULT_NASA_SCALE, PortraitDiffusionPipeline
-from pipelines.text_to_image_eval import (TIMING_BATCH, adherence, generate, heldout_captions, naming_caption,
-                                         prompt_set, real_images, speed_figures, time_call)
+from pipelines.text_to_image_eval import (TIMING_BATCH, adherence, autoencoder_ceiling, generate, heldout_captions,
+                                         naming_caption, prompt_set, real_images, speed_figures, time_call)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = ROOT / "assets" / "portrait_teacher"
@@ -202,7 +209,7 @@ def full_decoder_figures(student, teacher, evaluator: Evaluator, texts: Sequence
 
 # -- the figures --------------------------------------------------------------------------------
 def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, images_per_prompt: int = 2,
-                fd_images: int = 256, teacher_steps: Sequence[int] = (10, 25, 50),
+                fd_images: int = 256, ceiling_images: int = 512, teacher_steps: Sequence[int] = (10, 25, 50),
                 teacher_guidance: Sequence[float] = (4.0,), tolerance: float = 0.0, repeats: int = 5,
                 negative_attribute: str = "glasses=yes", negative_prompt: str | None = None,
                 nasa_scale: float = DEFAULT_NASA_SCALE, nasa_sweep: Sequence[float] = (0.5, 2.0, 3.0),
@@ -239,6 +246,21 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
         held_texts = [texts[i] for i in held]
         figures["teacher_adherence_heldout"] = adherence(evaluator, teacher_images[rows], held_texts, images_per_prompt)
         figures["student_adherence_heldout"] = adherence(evaluator, student_images[rows], held_texts, images_per_prompt)
+    asked = [p for p in texts for _ in range(images_per_prompt)]
+    by_attribute = {"teacher": adherence_by_attribute(evaluator.predict_attributes(teacher_images), asked),
+                    "student": adherence_by_attribute(evaluator.predict_attributes(student_images), asked)}
+    # what survives the autoencoder(s) alone: held-out renders encoded and decoded, against their captions
+    decoders = {"teacher": teacher} if type(student.vae) is type(teacher.vae) else {"teacher": teacher,
+                                                                                     "student": student}
+    ceiling = autoencoder_ceiling(teacher, decoders, evaluator, n=ceiling_images)
+    figures["real_adherence"] = ceiling["real"]["all"]
+    figures["autoencoder_ceiling"] = ceiling["teacher"]["all"]
+    if "student" in ceiling:
+        figures["student_autoencoder_ceiling"] = ceiling["student"]["all"]
+    by_attribute.update({f"{name}_autoencoder_ceiling" if name != "real" else "real": {
+        k: v for k, v in shares.items() if k != "all"} for name, shares in ceiling.items()})
+    figures["adherence_by_attribute"] = by_attribute
+    figures["ceiling_images"] = ceiling_images
     figures["prompts"] = len(texts)
     figures["heldout_prompts"] = len(held)
     figures["images_per_prompt"] = images_per_prompt
@@ -292,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prompts", type=int, default=48)
     p.add_argument("--images_per_prompt", type=int, default=2)
     p.add_argument("--fd_images", type=int, default=256)
+    p.add_argument("--ceiling_images", type=int, default=512,
+                   help="held-out renders for the autoencoder ceiling (encoded, decoded, scored)")
     p.add_argument("--teacher_steps", type=_ints, default=[10, 25, 50], help="comma list, e.g. 10,25,50")
     p.add_argument("--teacher_guidance", type=_floats, default=[4.0], help="comma list, e.g. 3,4.5")
     p.add_argument("--tolerance", type=float, default=0.0,
@@ -307,8 +331,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--skip_onnx", action="store_true")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.images_per_prompt < 1 or args.fd_images < 2 or args.repeats < 1 \
+            or args.ceiling_images < 1 \
             or not args.teacher_steps or not args.teacher_guidance:
-        p.error("--prompts, --images_per_prompt, --repeats >= 1, --fd_images >= 2 and non-empty sweeps are needed")
+        p.error("--prompts, --images_per_prompt, --repeats, --ceiling_images >= 1, --fd_images >= 2 and non-empty "
+                "sweeps are needed")
     try:
         teacher_path, student_path = check_model(args.teacher, "teacher"), check_model(args.student, "student")
     except FileNotFoundError as exc:
@@ -321,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                         text_encoder_path=args.text_encoder_path)
     evaluator = Evaluator.from_pretrained(args.evaluator, device=args.device)
     figures = figures_for(teacher, student, evaluator, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
-                          fd_images=args.fd_images, teacher_steps=args.teacher_steps,
+                          fd_images=args.fd_images, ceiling_images=args.ceiling_images, teacher_steps=args.teacher_steps,
                           teacher_guidance=args.teacher_guidance, tolerance=args.tolerance, repeats=args.repeats,
                           negative_attribute=args.negative_attribute, negative_prompt=args.negative_prompt,
                           nasa_scale=args.nasa_scale, nasa_sweep=args.nasa_sweep, student_folder=student_path,

@@ -28,6 +28,7 @@ __all__ = [
     "EMBEDDED_EVALUATOR",
     "frechet_distance",
     "prompt_adherence",
+    "adherence_by_attribute",
     "edit_accuracy",
     "attribute_preservation",
 ]
@@ -145,6 +146,21 @@ def prompt_adherence(predicted: Sequence[Mapping[str, str]],
     if asked == 0:
         raise ValueError("the prompts request no attribute the evaluator knows")
     return found / asked
+
+
+def adherence_by_attribute(predicted: Sequence[Mapping[str, str]],
+                           prompts: Sequence[str | Mapping[str, str]]) -> dict[str, float]:
+    """:func:`prompt_adherence` per attribute: for each attribute some prompt requests, the fraction
+    of those requests that the evaluator found (attributes in the evaluator's order)."""
+    if len(predicted) != len(prompts):
+        raise ValueError(f"{len(predicted)} predictions for {len(prompts)} prompts")
+    asked: dict[str, int] = {}
+    found: dict[str, int] = {}
+    for pred, prompt in zip(predicted, prompts):
+        for name, value in _requested(prompt).items():
+            asked[name] = asked.get(name, 0) + 1
+            found[name] = found.get(name, 0) + (pred[name] == value)
+    return {name: found[name] / asked[name] for name in ATTRIBUTES if name in asked}
 
 
 def edit_accuracy(predicted_after: Sequence[Mapping[str, str]],

@@ -17,15 +17,16 @@ import numpy as np
 import torch
 
 from pipelines.data.portrait_world import HELD_OUT_COMBINATIONS, PortraitWorld, caption_attributes
-from pipelines.evaluation import Evaluator, frechet_distance, prompt_adherence
+from pipelines.evaluation import Evaluator, adherence_by_attribute, frechet_distance, prompt_adherence
 
 __all__ = ["prompt_set", "naming_caption", "real_images", "heldout_captions", "generate", "adherence",
-           "time_call", "speed_figures", "evaluate_student"]
+           "autoencoder_ceiling", "time_call", "speed_figures", "evaluate_student"]
 
 TIMING_BATCH = 8
 PROMPT_SEED = 31_000_000
 FD_PROMPT_SEED = 32_000_000
 REAL_SEED = 33_000_000
+CEILING_SEED = 34_000_000
 
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -89,6 +90,35 @@ def adherence(evaluator: Evaluator, images: torch.Tensor, prompts: Sequence[str]
     return prompt_adherence(evaluator.predict_attributes(images),
                             [p for p in prompts for _ in range(images_per_prompt)])
 
+
+
+@torch.no_grad()
+def autoencoder_ceiling(encoder, decoders: dict[str, Any], evaluator: Evaluator, *, n: int = 512,
+                        seed: int = CEILING_SEED, batch: int = 64) -> dict[str, dict[str, float]]:
+    """How much of what a caption asks survives the autoencoder, whatever the UNet does.
+
+    ``n`` held-out renders are encoded by ``encoder`` (a pipeline: its ``encode_images``, posterior
+    mean), decoded by each pipeline of ``decoders`` (``decode_latents``; they must share the
+    encoder's latent space) and scored against their own captions. Returns, per decoder name,
+    ``{"all": adherence, <attribute>: share, ...}``; "real" scores the renders themselves. A teacher
+    decoded by an autoencoder cannot be expected to beat that autoencoder's figure.
+    """
+    from pipelines.images import pil_to_tensor
+
+    world = PortraitWorld()
+    samples = [world.sample(seed + i, size=world.MIN_SIZE, split="heldout", with_line_art=False) for i in range(n)]
+    captions = [s.caption for s in samples]
+    real = pil_to_tensor([s.image for s in samples])
+    outputs: dict[str, list[torch.Tensor]] = {"real": [real]}
+    for start in range(0, n, batch):
+        latents = encoder.encode_images(real[start:start + batch])
+        for name, pipe in decoders.items():
+            outputs.setdefault(name, []).append(pipe.decode_latents(latents.to(pipe.unet.dtype)).cpu())
+    figures = {}
+    for name, chunks in outputs.items():
+        predicted = evaluator.predict_attributes(torch.cat(chunks))
+        figures[name] = {"all": prompt_adherence(predicted, captions), **adherence_by_attribute(predicted, captions)}
+    return figures
 
 
 # -- timing -------------------------------------------------------------------------------------

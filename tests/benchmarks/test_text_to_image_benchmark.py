@@ -54,8 +54,8 @@ def test_main_gives_every_figure_finite(folders, tmp_path):
     out = tmp_path / "t2i.json"
     figures = bench.main(["--teacher", str(folders / "teacher"), "--student", str(folders / "student"),
                           "--evaluator", str(folders / "evaluator"), "--prompts", "4", "--images_per_prompt", "1",
-                          "--fd_images", "4", "--teacher_steps", "1,2", "--repeats", "1", "--threads", "1",
-                          "--json", str(out)])
+                          "--fd_images", "4", "--ceiling_images", "6", "--teacher_steps", "1,2", "--repeats", "1",
+                          "--threads", "1", "--json", str(out)])
     for key in KEYS:
         assert key in figures and math.isfinite(figures[key]), key
     assert figures["teacher_steps"] in (1, 2)
@@ -64,6 +64,13 @@ def test_main_gives_every_figure_finite(folders, tmp_path):
     # the int8 graphs: timed, compared and read too (quantised weights: close, not equal)
     assert 0 < figures["onnx_int8_max_abs_diff"] < 0.5 and figures["onnx_int8_speedup"] > 0
     assert 0 <= figures["onnx_int8_student_adherence"] <= 1
+    # the autoencoder's ceiling: the renders themselves score (nearly) 1 with the tiny evaluator's
+    # reading, and the per-attribute split is written to the JSON (the card takes numbers only)
+    assert figures["ceiling_images"] == 6 and 0 <= figures["autoencoder_ceiling"] <= 1
+    assert "student_autoencoder_ceiling" not in figures                # both decode with the same class
+    by_attribute = json.loads(out.read_text())["figures"]["adherence_by_attribute"]
+    assert set(by_attribute) == {"teacher", "student", "real", "teacher_autoencoder_ceiling"}
+    assert {"hair_color", "hair_style"} <= set(by_attribute["real"])   # every caption names both
     assert json.loads(out.read_text())["figures"]["fd_ratio"] == figures["fd_ratio"]
     assert torch.get_num_threads() == 1
 
@@ -86,7 +93,7 @@ def test_figures_for_with_two_images_per_prompt_and_a_guidance_sweep(folders):
     load = lambda name: PortraitDiffusionPipeline.from_pretrained(folders / name, device="cpu",  # noqa: E731
                                                                   dtype=torch.float32)
     figures = bench.figures_for(load("teacher"), load("student"), Evaluator.from_pretrained(folders / "evaluator"),
-                                prompts=2, images_per_prompt=2, fd_images=3, teacher_steps=(2, 1),
+                                prompts=2, images_per_prompt=2, fd_images=3, ceiling_images=2, teacher_steps=(2, 1),
                                 teacher_guidance=(1.0, 3.0), tolerance=1.0, repeats=1, skip_onnx=True,
                                 negative_attribute="accessory=hat", nasa_scale=1.5, nasa_sweep=(0.0, 1.5))
     assert (figures["teacher_steps"], figures["teacher_guidance"]) == (1, 1.0)
@@ -115,8 +122,8 @@ def test_a_student_with_a_tiny_decoder_is_also_timed_and_scored_with_the_teacher
     torch.manual_seed(0)
     student.vae = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
                                   num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).eval()
-    common = dict(prompts=2, images_per_prompt=1, fd_images=3, teacher_steps=(1,), repeats=1, skip_onnx=True,
-                  nasa_sweep=())
+    common = dict(prompts=2, images_per_prompt=1, fd_images=3, ceiling_images=3, teacher_steps=(1,), repeats=1,
+                  skip_onnx=True, nasa_sweep=())
     evaluator = Evaluator.from_pretrained(folders / "evaluator")
     figures = bench.figures_for(teacher, student, evaluator, **common)
     assert figures["student_autoencoder"] == "AutoencoderTiny"
@@ -126,5 +133,8 @@ def test_a_student_with_a_tiny_decoder_is_also_timed_and_scored_with_the_teacher
     # the same UNet and noise decoded two ways: the FD figures differ, the KL one is the plain student's
     plain = bench.figures_for(teacher, load("student"), evaluator, **common)
     assert plain["student_autoencoder"] == "AutoencoderKL" and "speedup_full_decoder" not in plain
+    # the student's own decoder gets its own ceiling on the teacher's latents
+    assert "student_autoencoder_ceiling" in figures and "student_autoencoder_ceiling" not in plain
+    assert "student_autoencoder_ceiling" in figures["adherence_by_attribute"]
     assert figures["fd_world_student_full_decoder"] == pytest.approx(plain["fd_world_student"])
     assert figures["fd_world_student"] != pytest.approx(plain["fd_world_student"])

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from pipelines.data.portrait_world import ATTRIBUTES
-from pipelines.evaluation import (attribute_preservation, edit_accuracy, frechet_distance,
-                                  prompt_adherence)
+from pipelines.evaluation import (adherence_by_attribute, attribute_preservation, edit_accuracy,
+                                  frechet_distance, prompt_adherence)
 
 
 def _attrs(**over):
@@ -39,6 +39,19 @@ def test_prompt_adherence_parses_captions():
     preds = [_attrs(hair_color="blue", hair_style="long")]
     score = prompt_adherence(preds, ["an anime portrait of a character with long blue hair"])
     assert score == pytest.approx(1.0)
+
+
+def test_adherence_by_attribute_splits_the_pooled_share():
+    predicted = [_attrs(glasses="yes", eye_color="blue"), _attrs(glasses="no", eye_color="blue"),
+                 _attrs(glasses="yes", eye_color="red")]
+    asked = [{"glasses": "yes", "eye_color": "blue"}, {"glasses": "yes"}, {"eye_color": "green"}]
+    shares = adherence_by_attribute(predicted, asked)
+    assert shares == {"eye_color": 0.5, "glasses": 0.5}
+    assert list(shares) == [n for n in ATTRIBUTES if n in shares]          # the evaluator's order
+    # pooled over attributes, weighted by how often each is asked, it is prompt_adherence
+    assert prompt_adherence(predicted, asked) == pytest.approx((0.5 * 2 + 0.5 * 2) / 4)
+    with pytest.raises(ValueError, match="predictions"):
+        adherence_by_attribute(predicted[:2], asked)
 
 
 def test_edit_accuracy_and_preservation():
