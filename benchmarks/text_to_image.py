@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluator = Evaluator.from_pretrained(args.evaluator, device=args.device)
     figures = figures_for(teacher, student, evaluator, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
                           fd_images=args.fd_images, ceiling_images=args.ceiling_images,
-                          teacher_steps=args.teacher_steps, teacher_guidance=args.teacher_guidance, tolerance=args.tolerance, repeats=args.repeats,
+                          teacher_steps=args.teacher_steps, teacher_guidance=args.teacher_guidance,
+                          tolerance=args.tolerance, repeats=args.repeats,
                           negative_attribute=args.negative_attribute, negative_prompt=args.negative_prompt,
                           nasa_scale=args.nasa_scale, nasa_sweep=args.nasa_sweep, student_folder=student_path,
                           skip_onnx=args.skip_onnx,
