@@ -36,8 +36,10 @@ the share of the attributes a prompt names that the evaluator reads in its image
   distilled by ``pipelines.training.distill_tiny_vae``), the student's UNet is also decoded by the
   teacher's autoencoder: student_adherence_full_decoder, fd_ratio_full_decoder, speedup_full_decoder.
 
-Timings: a warm-up call first, then the median of ``--repeats`` calls; ``--threads`` torch threads
-(2 by default). The teacher comes from ``python -m pipelines.training.train_diffusion_teacher``
+Timings: a warm-up call of each pipeline compared, then ``--repeats`` rounds that run each of them once
+in turn (teacher, student, the student at batch 1 and with the teacher's decoder; eager, ONNX fp32 and
+int8), and the medians; interleaved, a drift of the machine's speed stays out of the ratios.
+``--threads`` torch threads (2 by default). The teacher comes from ``python -m pipelines.training.train_diffusion_teacher``
 (its ``<out_dir>/pipeline``), the student from ``python -m pipelines.training.distill_dmd2``.
 """
 
@@ -57,7 +59,7 @@ from pipelines.evaluation import (EMBEDDED_EVALUATOR, Evaluator, adherence_by_at
                                  prompt_adherence)
 from pipelines.text_to_image import DEFAULT_NASA_SCALE, PortraitDiffusionPipeline
 from pipelines.text_to_image_eval import (TIMING_BATCH, adherence, autoencoder_ceiling, generate, heldout_captions,
-                                         naming_caption, prompt_set, real_images, speed_figures, time_call)
+                                         naming_caption, prompt_set, real_images, speed_figures, time_calls)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = ROOT / "assets" / "portrait_teacher"
@@ -137,21 +139,22 @@ def onnx_figures(student_folder: str | Path, prompts: Sequence[str], *, repeats:
 
         common = dict(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="pt")
         a = eager(**common).images                                      # [B, 3, H, W] in [-1, 1]
-        te = time_call(run(eager), repeats=repeats)
-        figures["onnx_eager_batch_ms"] = 1000 * te["total"]
-        for prefix, int8 in (("onnx", False), ("onnx_int8", True)):
-            onnx = OnnxPortraitPipeline.from_pretrained(folder, providers=["CPUExecutionProvider"], int8=int8,
-                                                        text_encoder_path=text_encoder_path)
+        pipes = {prefix: OnnxPortraitPipeline.from_pretrained(folder, providers=["CPUExecutionProvider"], int8=int8,
+                                                              text_encoder_path=text_encoder_path)
+                 for prefix, int8 in (("onnx", False), ("onnx_int8", True))}
+        timed = time_calls({"eager": run(eager), **{prefix: run(pipe) for prefix, pipe in pipes.items()}},
+                           repeats=repeats)
+        figures["onnx_eager_batch_ms"] = 1000 * timed["eager"]["total"]
+        for prefix, onnx in pipes.items():
             b = onnx(**common).images
-            to = time_call(run(onnx), repeats=repeats)
-            figures.update({f"{prefix}_speedup": te["total"] / to["total"],
+            figures.update({f"{prefix}_speedup": timed["eager"]["total"] / timed[prefix]["total"],
                             f"{prefix}_max_abs_diff": float((a - b).abs().max()) / 2,  # in [0, 1] units
-                            f"{prefix}_batch_ms": 1000 * to["total"]})
-            if int8 and evaluator is not None and adherence_prompts:
-                images = generate(onnx, list(adherence_prompts), steps=1, guidance=1.0,
-                                  images_per_prompt=images_per_prompt)
-                figures["onnx_int8_student_adherence"] = adherence(evaluator, images, list(adherence_prompts),
-                                                                   images_per_prompt)
+                            f"{prefix}_batch_ms": 1000 * timed[prefix]["total"]})
+        if evaluator is not None and adherence_prompts:
+            images = generate(pipes["onnx_int8"], list(adherence_prompts), steps=1, guidance=1.0,
+                              images_per_prompt=images_per_prompt)
+            figures["onnx_int8_student_adherence"] = adherence(evaluator, images, list(adherence_prompts),
+                                                               images_per_prompt)
     return figures
 
 
@@ -188,23 +191,21 @@ def negative_figures(student, evaluator: Evaluator, *, name: str, value: str, ne
     return figures
 
 
-def full_decoder_figures(student, teacher, evaluator: Evaluator, texts: Sequence[str], captions: Sequence[str],
-                         real: torch.Tensor, batch: Sequence[str], *, images_per_prompt: int, fd_teacher: float,
-                         teacher_batch_ms: float, repeats: int,
-                         device: torch.device | str = "cpu") -> dict[str, float]:
-    """The student's UNet decoded by the teacher's own autoencoder, beside the student as shipped (a
-    distilled tiny decoder): adherence, FD ratio and end-to-end speedup, the ``*_full_decoder`` figures."""
-    full = PortraitDiffusionPipeline(student.unet, teacher.vae, student.scheduler, student.text_encoder,
+def full_decoder_pipeline(student, teacher) -> PortraitDiffusionPipeline:
+    """The student's UNet with the teacher's own autoencoder (for a student shipped with a distilled
+    tiny decoder)."""
+    return PortraitDiffusionPipeline(student.unet, teacher.vae, student.scheduler, student.text_encoder,
                                      student.tokenizer, max_length=student.max_length)
+
+
+def full_decoder_figures(full, evaluator: Evaluator, texts: Sequence[str], captions: Sequence[str],
+                         real: torch.Tensor, *, images_per_prompt: int, fd_teacher: float) -> dict[str, float]:
+    """Adherence and FD ratio of :func:`full_decoder_pipeline` (its timing is in :func:`speed_figures`'
+    rounds): the ``*_full_decoder`` figures beside the student as shipped."""
     images = generate(full, list(texts), steps=1, guidance=1.0, images_per_prompt=images_per_prompt)
     fd = frechet_distance(evaluator.features(generate(full, list(captions), steps=1, guidance=1.0, seed=1)), real)
-    timed = time_call(lambda: full(prompt=list(batch), num_inference_steps=1, guidance_scale=1.0,
-                                   generator=torch.Generator().manual_seed(0)), repeats=repeats, device=device)
     return {"student_adherence_full_decoder": adherence(evaluator, images, list(texts), images_per_prompt),
-            "fd_world_student_full_decoder": fd, "fd_ratio_full_decoder": fd / fd_teacher,
-            "student_full_decoder_batch_ms": 1000 * timed["total"],
-            "student_full_decoder_decoding_ms": 1000 * timed["decoding"],
-            "speedup_full_decoder": teacher_batch_ms / (1000 * timed["total"])}
+            "fd_world_student_full_decoder": fd, "fd_ratio_full_decoder": fd / fd_teacher}
 
 
 # -- the figures --------------------------------------------------------------------------------
@@ -276,14 +277,15 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
 
     # speed
     batch = (texts * TIMING_BATCH)[:TIMING_BATCH]
+    full = full_decoder_pipeline(student, teacher) if type(student.vae) is not type(teacher.vae) else None
     figures.update(speed_figures(teacher, student, batch, teacher_steps=best_steps, teacher_guidance=best_guidance,
-                                 repeats=repeats, device=device))
+                                 repeats=repeats, others={"student_full_decoder": full} if full else None,
+                                 device=device))
     figures["student_autoencoder"] = type(student.vae).__name__
-    if type(student.vae) is not type(teacher.vae):
-        figures.update(full_decoder_figures(student, teacher, evaluator, texts, captions, real, batch,
-                                            images_per_prompt=images_per_prompt, fd_teacher=fd_teacher,
-                                            teacher_batch_ms=figures["teacher_batch_ms"], repeats=repeats,
-                                            device=device))
+    if full is not None:
+        figures.update(full_decoder_figures(full, evaluator, texts, captions, real,
+                                            images_per_prompt=images_per_prompt, fd_teacher=fd_teacher))
+        figures["speedup_full_decoder"] = figures["teacher_batch_ms"] / figures["student_full_decoder_batch_ms"]
     if not skip_onnx:
         figures.update(onnx_figures(student_folder, batch, repeats=repeats, text_encoder_path=text_encoder_path,
                                     evaluator=evaluator, adherence_prompts=texts, images_per_prompt=images_per_prompt))

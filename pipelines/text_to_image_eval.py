@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from pipelines.data.portrait_world import HELD_OUT_COMBINATIONS, PortraitWorld, 
 from pipelines.evaluation import Evaluator, adherence_by_attribute, frechet_distance, prompt_adherence
 
 __all__ = ["prompt_set", "naming_caption", "real_images", "heldout_captions", "generate", "adherence",
-           "autoencoder_ceiling", "time_call", "speed_figures", "evaluate_student"]
+           "autoencoder_ceiling", "time_call", "time_calls", "speed_figures", "evaluate_student"]
 
 TIMING_BATCH = 8
 PROMPT_SEED = 31_000_000
@@ -130,43 +130,57 @@ def sync(device: torch.device | str) -> None:
 def time_call(call: Callable[[], Any], *, repeats: int, device: torch.device | str = "cpu") -> dict[str, float]:
     """A warm-up call, then medians over ``repeats`` calls: "total" (wall clock, seconds) and each
     key of the output's ``timings``."""
-    call()
-    runs: list[dict[str, float]] = []
+    return time_calls({"call": call}, repeats=repeats, device=device)["call"]
+
+
+def time_calls(calls: Mapping[str, Callable[[], Any]], *, repeats: int,
+               device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """:func:`time_call` for several calls side by side: a warm-up call of each, then ``repeats``
+    rounds that run every call once, in turn. Interleaved, a drift of the machine's speed (another
+    process, the clock) reaches every call alike and stays out of their ratios, which timing one
+    call's repeats after the other's would not."""
+    for call in calls.values():
+        call()
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
     for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = call()
-        sync(device)
-        runs.append({"total": time.perf_counter() - t0, **dict(getattr(out, "timings", {}))})
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        for name, call in calls.items():
+            sync(device)
+            t0 = time.perf_counter()
+            out = call()
+            sync(device)
+            runs[name].append({"total": time.perf_counter() - t0, **dict(getattr(out, "timings", {}))})
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
 
 
 def speed_figures(teacher, student, prompts: Sequence[str], *, teacher_steps: int, teacher_guidance: float,
-                  repeats: int, student_steps: int = 1, device: torch.device | str = "cpu") -> dict[str, float]:
+                  repeats: int, student_steps: int = 1, others: Mapping[str, Any] | None = None,
+                  device: torch.device | str = "cpu") -> dict[str, float]:
     """Teacher (its setting) and student (``student_steps``, guidance 1) on the same batch of prompts,
-    end to end ("speedup") and for the denoising loop alone ("denoise_speedup")."""
+    end to end ("speedup") and for the denoising loop alone ("denoise_speedup"), timed side by side
+    (:func:`time_calls`). ``others``: more pipelines run like the student in the same rounds, each
+    reported as ``<name>_batch_ms`` and ``<name>_<stage>_ms``."""
     prompts = list(prompts)
 
     def teacher_call():
         return teacher(prompt=prompts, num_inference_steps=teacher_steps, guidance_scale=teacher_guidance,
                        generator=torch.Generator().manual_seed(0))
 
-    def student_call():
-        return student(prompt=prompts, num_inference_steps=student_steps, guidance_scale=1.0,
-                       generator=torch.Generator().manual_seed(0))
+    def like_student(pipe, batch: list[str]):
+        return lambda: pipe(prompt=batch, num_inference_steps=student_steps, guidance_scale=1.0,
+                            generator=torch.Generator().manual_seed(0))
 
-    t = time_call(teacher_call, repeats=repeats, device=device)
-    s = time_call(student_call, repeats=repeats, device=device)
-    one = time_call(lambda: student(prompt=prompts[:1], num_inference_steps=student_steps, guidance_scale=1.0,
-                                    generator=torch.Generator().manual_seed(0)), repeats=repeats, device=device)
+    calls = {"teacher": teacher_call, "student": like_student(student, prompts),
+             "one": like_student(student, prompts[:1])}
+    calls.update({name: like_student(pipe, prompts) for name, pipe in (others or {}).items()})
+    timed = time_calls(calls, repeats=repeats, device=device)
+    t, s = timed["teacher"], timed["student"]
     figures = {"speedup": t["total"] / s["total"], "denoise_speedup": t["denoising"] / s["denoising"],
-               "timing_batch": len(prompts), "student_latency_ms": 1000 * one["total"]}
-    for name, d in (("teacher", t), ("student", s)):
-        figures[f"{name}_batch_ms"] = 1000 * d["total"]
+               "timing_batch": len(prompts), "student_latency_ms": 1000 * timed["one"]["total"]}
+    for name in ("teacher", "student", *(others or {})):
+        figures[f"{name}_batch_ms"] = 1000 * timed[name]["total"]
         for k in ("text_encoding", "denoising", "decoding"):
-            figures[f"{name}_{k}_ms"] = 1000 * d[k]
+            figures[f"{name}_{k}_ms"] = 1000 * timed[name][k]
     return figures
-
 
 
 # -- a student against its teacher ----------------------------------------------------------------

@@ -75,6 +75,27 @@ def test_main_gives_every_figure_finite(folders, tmp_path):
     assert torch.get_num_threads() == 1
 
 
+def test_time_calls_interleaves_the_calls_and_reports_medians(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipelines import text_to_image_eval as ev
+
+    order, clock = [], iter(range(1000))
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: float(next(clock)))
+
+    def call(name, denoise):
+        def run():
+            order.append(name)
+            return SimpleNamespace(timings={"denoising": denoise + len(order)})
+        return run
+
+    timed = ev.time_calls({"a": call("a", 0.0), "b": call("b", 100.0)}, repeats=3)
+    assert order == ["a", "b"] + ["a", "b"] * 3          # one warm-up each, then rounds in turn
+    assert timed["a"]["total"] == timed["b"]["total"] == 1.0
+    assert timed["a"]["denoising"] == 5.0 and timed["b"]["denoising"] == 106.0   # medians of their rounds
+    assert ev.time_call(call("c", 0.0), repeats=1) == {"total": 1.0, "denoising": 10.0}
+
+
 def test_missing_models_say_which_script_makes_them(folders, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--teacher", str(tmp_path / "nope"), "--student", str(folders / "student")])
