@@ -39,8 +39,9 @@ the share of the attributes a prompt names that the evaluator reads in its image
 Timings: a warm-up call of each pipeline compared, then ``--repeats`` rounds that run each of them once
 in turn (teacher, student, the student at batch 1 and with the teacher's decoder; eager, ONNX fp32 and
 int8), and the medians; interleaved, a drift of the machine's speed stays out of the ratios.
-``--threads`` torch threads (2 by default). The teacher comes from ``python -m pipelines.training.train_diffusion_teacher``
-(its ``<out_dir>/pipeline``), the student from ``python -m pipelines.training.distill_dmd2``.
+``--threads`` torch threads (2 by default). The teacher comes from
+``python -m pipelines.training.train_diffusion_teacher`` (its ``<out_dir>/pipeline``), the student from
+``python -m pipelines.training.distill_dmd2``.
 """
 
 from __future__ import annotations
@@ -241,25 +242,27 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
     figures["teacher_steps"] = best_steps
     figures["teacher_guidance"] = best_guidance
     student_images = generate(student, texts, steps=1, guidance=1.0, images_per_prompt=images_per_prompt)
-    figures["student_adherence"] = adherence(evaluator, student_images, texts, images_per_prompt)
+    # the evaluator reads each image once; every adherence figure below comes from these readings
+    asked = [p for p in texts for _ in range(images_per_prompt)]
+    read = {"teacher": evaluator.predict_attributes(teacher_images),
+            "student": evaluator.predict_attributes(student_images)}
+    figures["student_adherence"] = prompt_adherence(read["student"], asked)
     if held:
         rows = [i * images_per_prompt + k for i in held for k in range(images_per_prompt)]
-        held_texts = [texts[i] for i in held]
-        figures["teacher_adherence_heldout"] = adherence(evaluator, teacher_images[rows], held_texts, images_per_prompt)
-        figures["student_adherence_heldout"] = adherence(evaluator, student_images[rows], held_texts, images_per_prompt)
-    asked = [p for p in texts for _ in range(images_per_prompt)]
-    by_attribute = {"teacher": adherence_by_attribute(evaluator.predict_attributes(teacher_images), asked),
-                    "student": adherence_by_attribute(evaluator.predict_attributes(student_images), asked)}
-    # what survives the autoencoder(s) alone: held-out renders encoded and decoded, against their captions
-    decoders = {"teacher": teacher} if type(student.vae) is type(teacher.vae) else {"teacher": teacher,
-                                                                                     "student": student}
+        for model in ("teacher", "student"):
+            figures[f"{model}_adherence_heldout"] = prompt_adherence([read[model][r] for r in rows],
+                                                                     [asked[r] for r in rows])
+    by_attribute = {model: adherence_by_attribute(read[model], asked) for model in ("teacher", "student")}
+    # what the autoencoder(s) alone let through: held-out renders encoded, decoded, read against their captions
+    tiny_student = type(student.vae) is not type(teacher.vae)
+    decoders = {"teacher": teacher, **({"student": student} if tiny_student else {})}
     ceiling = autoencoder_ceiling(teacher, decoders, evaluator, n=ceiling_images)
-    figures["real_adherence"] = ceiling["real"]["all"]
-    figures["autoencoder_ceiling"] = ceiling["teacher"]["all"]
-    if "student" in ceiling:
-        figures["student_autoencoder_ceiling"] = ceiling["student"]["all"]
-    by_attribute.update({f"{name}_autoencoder_ceiling" if name != "real" else "real": {
-        k: v for k, v in shares.items() if k != "all"} for name, shares in ceiling.items()})
+    for model, key, split_key in (("real", "real_adherence", "real"),
+                                  ("teacher", "autoencoder_ceiling", "teacher_autoencoder_ceiling"),
+                                  ("student", "student_autoencoder_ceiling", "student_autoencoder_ceiling")):
+        if model in ceiling:
+            figures[key] = ceiling[model]["all"]
+            by_attribute[split_key] = {k: v for k, v in ceiling[model].items() if k != "all"}
     figures["adherence_by_attribute"] = by_attribute
     figures["ceiling_images"] = ceiling_images
     figures["prompts"] = len(texts)
@@ -277,7 +280,7 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
 
     # speed
     batch = (texts * TIMING_BATCH)[:TIMING_BATCH]
-    full = full_decoder_pipeline(student, teacher) if type(student.vae) is not type(teacher.vae) else None
+    full = full_decoder_pipeline(student, teacher) if tiny_student else None
     figures.update(speed_figures(teacher, student, batch, teacher_steps=best_steps, teacher_guidance=best_guidance,
                                  repeats=repeats, others={"student_full_decoder": full} if full else None,
                                  device=device))
