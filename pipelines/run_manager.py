@@ -101,6 +101,18 @@ METHODS: dict[str, MethodSpec] = {m.key: m for m in (
             "standard": dict(steps=4000, batch=64, real_images=20000, checkpoint_every=500),
         }),
     MethodSpec(
+        key="compress", label="Compress a one-step student (BK-SDM knowledge distillation, text to image)",
+        module="pipelines.training.compress_student",
+        config="pipelines.training.compress_student:CompressConfig", produces="text_to_image", export="pipeline",
+        steps_field="total_steps", base_field="source",
+        presets={
+            # the source: a DMD2 run's pipeline/ (the shipped student is already compressed)
+            "quick demo": dict(total_steps=120, batch=16, lr=3e-4, real_images=1500, captions_per_image=1,
+                               log_every=10, sample_every=60, checkpoint_every=60, num_samples=4),
+            "standard": dict(total_steps=1000, batch=32, lr=3e-4, real_images=4000, captions_per_image=2,
+                             first_step_share=0.6, checkpoint_every=100),
+        }),
+    MethodSpec(
         key="tiny_vae", label="Tiny autoencoder (a fast TAESD-style decoder, text to image)",
         module="pipelines.training.distill_tiny_vae", config="pipelines.training.distill_tiny_vae:TinyVAEConfig",
         produces="text_to_image", export="tiny_vae", steps_field="total_steps", base_field="source",

@@ -89,6 +89,9 @@ class DMD2Config:
     # by index, whose transformers are dropped, with those of their mirrored up blocks; everything else
     # starts as the teacher's weights. 0 = the full-resolution level, where attention costs the most.
     student_drop_attention: tuple[int, ...] = ()
+    # Or a student UNet to start from, architecture and weights: a pipeline folder (its unet/) or a
+    # UNet folder, e.g. a smaller one from `compress_student`. "" = a copy of the teacher's UNet.
+    student_init: str = ""
 
     # data: world renders (GAN reals) and their captions (the prompts)
     real_images: int = 20000                  # bank images; the teacher's bank by default (a cache hit)
@@ -180,6 +183,15 @@ class DMD2Config:
                              f"LCMScheduler samples at; use --student_timesteps {','.join(map(str, grid))}")
         unet_config = json.loads((Path(self.teacher) / "unet" / "config.json").read_text())
         student_unet_config(unet_config, self.student_drop_attention)   # raises on a bad index
+        if self.student_init:
+            if self.student_drop_attention:
+                raise ValueError("give student_init or student_drop_attention, not both: the init folder's UNet "
+                                 "already has its architecture")
+            init_config = json.loads(student_init_folder(self.student_init).joinpath("config.json").read_text())
+            for key in ("in_channels", "out_channels", "sample_size", "cross_attention_dim"):
+                if init_config.get(key) != unet_config.get(key):
+                    raise ValueError(f"student_init {self.student_init!r}: its UNet's {key} is "
+                                     f"{init_config.get(key)!r}, the teacher's {unet_config.get(key)!r}")
         prediction = sched.get("prediction_type", "epsilon")
         if prediction not in ("v_prediction", "epsilon"):
             raise ValueError(f"teacher prediction_type {prediction!r} is not supported (v_prediction or epsilon)")
@@ -213,6 +225,26 @@ def student_unet_config(teacher_config: dict[str, Any], drop_attention: tuple[in
                              "have no transformers to drop")
         down[i], up[j] = "DownBlock2D", "UpBlock2D"
     return {**teacher_config, "down_block_types": down, "up_block_types": up}
+
+
+def student_init_folder(path: str | os.PathLike[str]) -> Path:
+    """The UNet folder of ``path``: ``path/unet`` for a pipeline folder, else ``path`` itself; raises
+    ``ValueError`` if neither holds a UNet config."""
+    path = Path(path)
+    for folder in (path / "unet", path):
+        if (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text()).get(
+                "_class_name") == "UNet2DConditionModel":
+            return folder
+    raise ValueError(f"student_init {str(path)!r} is neither a text-to-image pipeline folder (with unet/) nor a "
+                     "UNet2DConditionModel folder")
+
+
+def load_student_init(path: str | os.PathLike[str], like: nn.Module) -> nn.Module:
+    """The UNet of ``path`` (:func:`student_init_folder`) on ``like``'s device and dtype."""
+    from diffusers import UNet2DConditionModel
+
+    param = next(like.parameters())
+    return UNet2DConditionModel.from_pretrained(student_init_folder(path), torch_dtype=param.dtype).to(param.device)
 
 
 def make_student_unet(teacher_unet: nn.Module, drop_attention: tuple[int, ...]) -> nn.Module:
@@ -553,7 +585,8 @@ def train(cfg: DMD2Config) -> Path:
               f"in {time.perf_counter() - t_start:.1f}s", flush=True)
 
         # 4. Networks: generator and fake score start as the teacher; GAN head; optimisers.
-        generator = make_student_unet(real_unet, cfg.student_drop_attention).train().requires_grad_(True)
+        generator = (load_student_init(cfg.student_init, real_unet) if cfg.student_init
+                     else make_student_unet(real_unet, cfg.student_drop_attention)).train().requires_grad_(True)
         fake_unet = copy.deepcopy(real_unet).train().requires_grad_(True)
         head = GANHead(real_unet.config.block_out_channels[-1], cfg.gan_head_channels).to(device)
         betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -754,7 +787,8 @@ def write_student_card(folder: Path, cfg: DMD2Config, n_params: int, image_size:
     n = len(cfg.student_timesteps)
     write_card(folder, title=f"Portrait-world {n}-step text-to-image student (DMD2)",
                task=f"text-to-image in {n} step(s), {image_size} px portraits of the portrait world",
-               architecture=(f"diffusers UNet2DConditionModel {n_params / 1e6:.1f}M initialised from the teacher"
+               architecture=(f"diffusers UNet2DConditionModel {n_params / 1e6:.1f}M initialised from "
+                             + (f"the UNet of {cfg.student_init}" if cfg.student_init else "the teacher")
                              + (f" without the transformers of down blocks {list(cfg.student_drop_attention)} and "
                                 "their mirrored up blocks" if cfg.student_drop_attention else "") + ", "
                              f"LCMScheduler at timesteps {list(cfg.student_timesteps)}; the teacher's AutoencoderKL "

@@ -1,5 +1,6 @@
 """scripts/refresh_text_to_image_gpu.sh at its CPU size (TINY=1): two teacher fine-tunes of the shipped
-teacher and a DMD2 student from each, a few steps each (about two minutes on two cores)."""
+teacher, a DMD2 student from each and its compressed UNet, a few steps each (about three minutes on
+two cores)."""
 
 from __future__ import annotations
 
@@ -34,10 +35,12 @@ def test_tiny_refresh_writes_two_teachers_and_a_student_from_each(tmp_path):
         student = json.loads((runs / f"dmd2_gpu_e{weight}" / "config.json").read_text())
         assert student["teacher"] == str(runs / f"teacher_gpu_e{weight}" / "pipeline")
         assert (runs / f"dmd2_gpu_e{weight}" / "pipeline" / "model_index.json").is_file()
+        compressed = json.loads((runs / f"compress_gpu_e{weight}" / "pipeline" / "unet" / "config.json").read_text())
+        assert compressed["mid_block_type"] is None and compressed["attention_head_dim"] == [1, 2, 8]
     assert sorted(p.name for p in (runs / "logs_gpu_refresh").iterdir()) == [
-        "dmd2_e15.log", "dmd2_e5.log", "teacher_e15.log", "teacher_e5.log"]
+        "compress_e15.log", "compress_e5.log", "dmd2_e15.log", "dmd2_e5.log", "teacher_e15.log", "teacher_e5.log"]
     # as docs/TRAINING.md says: the shipped tiny decoder swaps into a refreshed student, which then samples
-    folder = copy_pipeline(runs / "dmd2_gpu_e5" / "pipeline", tmp_path / "student",
+    folder = copy_pipeline(runs / "compress_gpu_e5" / "pipeline", tmp_path / "student",
                            vae=ROOT / "assets" / "portrait_student" / "vae")
     pipe = PortraitDiffusionPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
     out = pipe(prompt=["an anime girl with short blue hair"], num_inference_steps=1, guidance_scale=1.0,
