@@ -5,6 +5,7 @@ a pipeline that DMD2 can go on from (--student_init)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -101,13 +102,16 @@ def test_a_tiny_run_learns_the_source_resumes_and_exports_a_student_dmd2_goes_on
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
 
-    # a run stopped at step 6 and resumed ends where the uninterrupted one did
-    out2 = tmp_path / "runs" / "compress_resumed"
-    compress_student.main(run_args(source, out2, total_steps=6, eval_prompts=0))
-    compress_student.main(run_args(source, out2, total_steps=12, eval_prompts=0, resume="true"))
-    resumed = [json.loads(line)["loss"] for line in (out2 / "metrics.jsonl").read_text().splitlines()
-               if "loss" in json.loads(line)]
-    assert resumed[6:] == pytest.approx(losses[6:], rel=1e-4)
+    # a run killed after its step-6 checkpoint and resumed ends where the uninterrupted one did
+    out2 = tmp_path / "runs" / "compress_killed"
+    shutil.copytree(out, out2)
+    shutil.rmtree(out2 / "pipeline")
+    (out2 / "checkpoints" / "step_0000012.pt").unlink()
+    compress_student.main(run_args(source, out2, resume="true"))
+    resumed = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
+    resumed_losses = [r["loss"] for r in resumed if "loss" in r]
+    assert [r["step"] for r in resumed if "loss" in r] == list(range(1, 13))
+    assert resumed_losses == pytest.approx(losses, rel=1e-5)
 
     # DMD2 starts its generator from the compressed UNet, architecture and weights
     dmd2_out = tmp_path / "runs" / "dmd2"
