@@ -166,7 +166,8 @@ def make_compressed_unet(source_unet: nn.Module, cfg: CompressConfig) -> nn.Modu
     missing, unexpected = unet.load_state_dict(source_unet.state_dict(), strict=False)
     dropped = [k for k in unexpected if not (k.startswith("mid_block.") or ".attentions." in k)]
     if missing or dropped:
-        raise RuntimeError(f"compressed UNet does not match the source's: missing {missing[:5]}, unexpected {dropped[:5]}")
+        raise RuntimeError(f"compressed UNet does not match the source's: missing {missing[:5]}, "
+                           f"unexpected {dropped[:5]}")
     param = next(source_unet.parameters())
     return unet.to(param.device, param.dtype)
 
@@ -302,7 +303,8 @@ def train(cfg: CompressConfig) -> Path:
             if step % cfg.log_every == 0 or step == cfg.total_steps:
                 elapsed = time.perf_counter() - t_log
                 row = {k: float(v) for k, v in meter.pop().items()}
-                row.update(lr=opt.param_groups[0]["lr"], images_per_s=(step - step_log) * cfg.batch / max(elapsed, 1e-9))
+                row.update(lr=opt.param_groups[0]["lr"],
+                           images_per_s=(step - step_log) * cfg.batch / max(elapsed, 1e-9))
                 run.log_metrics(step, **row)
                 run.set_status("running", step=step, total=cfg.total_steps)
                 print(f"step {step}/{cfg.total_steps} loss {row['loss']:.5f} (output {row['loss_out']:.5f}, "
@@ -359,7 +361,8 @@ def write_compressed_card(folder: Path, cfg: CompressConfig, figures: dict[str, 
     cuts = [f"attention heads per level {list(cfg.attention_heads)}" if cfg.attention_heads else "",
             "no mid block" if cfg.drop_mid_block else "",
             f"no transformers at down levels {list(cfg.drop_attention)}" if cfg.drop_attention else ""]
-    write_card(folder, title=f"{source.get('title', 'Text-to-image student')}, compressed (BK-SDM knowledge distillation)",
+    title = source.get("title", "Text-to-image student")
+    write_card(folder, title=f"{title}, compressed (BK-SDM knowledge distillation)",
                task=source.get("task", "text-to-image"),
                architecture=(f"diffusers UNet2DConditionModel {figures['parameters'] / 1e6:.2f}M (source "
                              f"{figures['source_parameters'] / 1e6:.2f}M) with " + ", ".join(c for c in cuts if c)
