@@ -30,6 +30,7 @@ from the result with distribution matching.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shlex
 import sys
@@ -122,8 +123,6 @@ class CompressConfig:
             if (name == "source" or self.eval_prompts) and not index.is_file():
                 raise ValueError(f"{name} {getattr(self, name)!r} is not a text-to-image pipeline folder (no "
                                  f"{index.name})")
-        import json
-
         source_unet = {k: v for k, v in json.loads((Path(self.source) / "unet" / "config.json").read_text()).items()
                        if not k.startswith("_")}
         if compressed_unet_config(source_unet, self.attention_heads, self.drop_mid_block,
@@ -352,12 +351,9 @@ def train(cfg: CompressConfig) -> Path:
 
 def write_compressed_card(folder: Path, cfg: CompressConfig, figures: dict[str, Any]) -> None:
     """The compressed student's card; the source card's title and notes carry over, marked as compressed."""
-    import json
+    from pipelines.cards import read_card, write_card
 
-    from pipelines.cards import write_card
-
-    source_card = Path(cfg.source) / "card.json"
-    source = json.loads(source_card.read_text()) if source_card.is_file() else {}
+    source = read_card(cfg.source)
     cuts = [f"attention heads per level {list(cfg.attention_heads)}" if cfg.attention_heads else "",
             "no mid block" if cfg.drop_mid_block else "",
             f"no transformers at down levels {list(cfg.drop_attention)}" if cfg.drop_attention else ""]
