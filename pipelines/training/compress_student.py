@@ -12,7 +12,11 @@ by output-level and feature-level distillation:
   config is the head count). This UNet's 8 heads of 8 channels at full resolution make the softmax
   and the narrow batched matmuls cost more than their FLOPs: one head of 64 channels runs the same
   weights at about 0.75 of the time on this CPU, but mixes the heads, so it needs this training;
-- ``drop_attention``: transformers removed by level (as ``distill_dmd2 --student_drop_attention``).
+- ``drop_attention``: transformers removed by level (as ``distill_dmd2 --student_drop_attention``);
+- ``only_cross_attention``: by level, the transformers' self-attention attends to the text instead
+  (diffusers' ``only_cross_attention``). At full resolution that is 256 queries against the
+  prompt's 52 tokens instead of 256; its key and value projections start as the same block's
+  cross-attention ones.
 
 The source is a student (e.g. DMD2's), so the training needs no images: noise and world captions
 in, the source's outputs (and its down/up block features) as the targets. A share of each batch is
@@ -73,6 +77,8 @@ class CompressConfig:
     attention_heads: tuple[int, ...] = (1, 2, 8)   # per down level (mirrored up; the mid block: the last)
     drop_mid_block: bool = True
     drop_attention: tuple[int, ...] = ()           # down levels whose transformers go (with their mirrors)
+    only_cross_attention: tuple[bool, ...] = ()    # per down level (mirrored up): the self-attention becomes a
+                                                   # second cross-attention to the text; () = as the source
 
     # data: captions of world renders (the bank is shared with the other scripts' cache)
     real_images: int = 4000
@@ -126,17 +132,22 @@ class CompressConfig:
         source_unet = {k: v for k, v in json.loads((Path(self.source) / "unet" / "config.json").read_text()).items()
                        if not k.startswith("_")}
         if compressed_unet_config(source_unet, self.attention_heads, self.drop_mid_block,
-                                  self.drop_attention) == source_unet:
+                                  self.drop_attention, self.only_cross_attention) == source_unet:
             raise ValueError(f"source {self.source!r}: its UNet already has these cuts (attention_heads "
-                             f"{list(self.attention_heads)}, drop_mid_block {self.drop_mid_block}); compress a student "
-                             "with the teacher's UNet, e.g. the pipeline/ of a DMD2 run, or choose other cuts")
+                             f"{list(self.attention_heads)}, drop_mid_block {self.drop_mid_block}, only_cross_attention "
+                             f"{list(self.only_cross_attention)}); compress a student with the teacher's UNet, e.g. "
+                             "the pipeline/ of a DMD2 run, or choose other cuts")
 
 
 def compressed_unet_config(config: dict[str, Any], attention_heads: tuple[int, ...], drop_mid_block: bool,
-                           drop_attention: tuple[int, ...] = ()) -> dict[str, Any]:
+                           drop_attention: tuple[int, ...] = (),
+                           only_cross_attention: tuple[bool, ...] = ()) -> dict[str, Any]:
     """The source UNet's diffusers config with the given cuts; raises ``ValueError`` on a cut that
     does not fit it (a head count that does not divide its level's width, a level out of range)."""
     levels = len(config["block_out_channels"])
+    cross_only = tuple(only_cross_attention)
+    if cross_only and (len(cross_only) != levels or not all(isinstance(v, bool) for v in cross_only)):
+        raise ValueError(f"only_cross_attention must give true or false per level ({levels}), got {list(cross_only)}")
     heads = tuple(attention_heads)
     if heads:
         if len(heads) != levels:
@@ -152,6 +163,10 @@ def compressed_unet_config(config: dict[str, Any], attention_heads: tuple[int, .
         out["attention_head_dim"] = list(heads)
     if drop_mid_block:
         out["mid_block_type"] = None
+    if cross_only:
+        source = config.get("only_cross_attention", False)
+        as_list = list(source) if isinstance(source, (list, tuple)) else [bool(source)] * levels
+        out["only_cross_attention"] = source if list(cross_only) == as_list else list(cross_only)
     return out
 
 
@@ -160,9 +175,20 @@ def make_compressed_unet(source_unet: nn.Module, cfg: CompressConfig) -> nn.Modu
     from diffusers import UNet2DConditionModel
 
     config = {k: v for k, v in source_unet.config.items() if not k.startswith("_")}
-    unet = UNet2DConditionModel.from_config(compressed_unet_config(config, tuple(cfg.attention_heads),
-                                                                   cfg.drop_mid_block, tuple(cfg.drop_attention)))
-    missing, unexpected = unet.load_state_dict(source_unet.state_dict(), strict=False)
+    unet = UNet2DConditionModel.from_config(compressed_unet_config(
+        config, tuple(cfg.attention_heads), cfg.drop_mid_block, tuple(cfg.drop_attention),
+        tuple(cfg.only_cross_attention)))
+    weights = source_unet.state_dict()
+    shapes = {k: v.shape for k, v in unet.state_dict().items()}
+    for key in [k for k in weights if k in shapes and weights[k].shape != shapes[k]]:
+        # a self-attention turned cross-attention: its key and value projections now read the text,
+        # so they start as the cross-attention's of the same transformer block
+        twin = key.replace(".attn1.to_k.", ".attn2.to_k.").replace(".attn1.to_v.", ".attn2.to_v.")
+        if twin == key or weights[twin].shape != shapes[key]:
+            raise RuntimeError(f"compressed UNet: {key} is {tuple(shapes[key])} here and "
+                               f"{tuple(weights[key].shape)} in the source")
+        weights[key] = weights[twin]
+    missing, unexpected = unet.load_state_dict(weights, strict=False)
     dropped = [k for k in unexpected if not (k.startswith("mid_block.") or ".attentions." in k)]
     if missing or dropped:
         raise RuntimeError(f"compressed UNet does not match the source's: missing {missing[:5]}, "
@@ -356,7 +382,8 @@ def write_compressed_card(folder: Path, cfg: CompressConfig, figures: dict[str, 
     source = read_card(cfg.source)
     cuts = [f"attention heads per level {list(cfg.attention_heads)}" if cfg.attention_heads else "",
             "no mid block" if cfg.drop_mid_block else "",
-            f"no transformers at down levels {list(cfg.drop_attention)}" if cfg.drop_attention else ""]
+            f"no transformers at down levels {list(cfg.drop_attention)}" if cfg.drop_attention else "",
+            f"cross-attention only by level {list(cfg.only_cross_attention)}" if cfg.only_cross_attention else ""]
     title = source.get("title", "Text-to-image student")
     write_card(folder, title=f"{title}, compressed (BK-SDM knowledge distillation)",
                task=source.get("task", "text-to-image"),

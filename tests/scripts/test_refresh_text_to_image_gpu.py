@@ -37,6 +37,7 @@ def test_tiny_refresh_writes_two_teachers_and_a_student_from_each(tmp_path):
         assert (runs / f"dmd2_gpu_e{weight}" / "pipeline" / "model_index.json").is_file()
         compressed = json.loads((runs / f"compress_gpu_e{weight}" / "pipeline" / "unet" / "config.json").read_text())
         assert compressed["mid_block_type"] is None and compressed["attention_head_dim"] == [1, 2, 8]
+        assert compressed["only_cross_attention"] == [True, False, False]
     assert sorted(p.name for p in (runs / "logs_gpu_refresh").iterdir()) == [
         "compress_e15.log", "compress_e5.log", "dmd2_e15.log", "dmd2_e5.log", "teacher_e15.log", "teacher_e5.log"]
     # as docs/TRAINING.md says: the shipped tiny decoder swaps into a refreshed student, which then samples

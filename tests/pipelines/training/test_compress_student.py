@@ -55,6 +55,33 @@ def test_nothing_cut_is_the_source_and_each_cut_keeps_the_other_weights():
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in big.parameters())
 
 
+def test_cross_attention_only_levels_start_from_their_cross_attention_and_keep_the_rest():
+    big = tiny_diffusion_unet().eval()
+    levels = len(big.config.block_out_channels)
+    cross_only = (True,) + (False,) * (levels - 1)
+    small = make_compressed_unet(big, CompressConfig(attention_heads=(), drop_mid_block=False,
+                                                     only_cross_attention=cross_only)).eval()
+    assert small.config.only_cross_attention == list(cross_only)
+    first = small.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert first.attn1.is_cross_attention and first.attn1.to_k.in_features == big.config.cross_attention_dim
+    big_first = big.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert torch.equal(first.attn1.to_k.weight, big_first.attn2.to_k.weight)       # keys/values from the text
+    assert torch.equal(first.attn1.to_q.weight, big_first.attn1.to_q.weight)       # queries and output kept
+    assert small.up_blocks[-1].attentions[0].transformer_blocks[0].attn1.is_cross_attention     # the mirror
+    big_state = big.state_dict()
+    changed = {k for k, v in small.state_dict().items() if not torch.equal(v, big_state[k])}
+    assert changed and all(".attn1.to_k." in k or ".attn1.to_v." in k for k in changed)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([999, 500]), torch.randn(2, 5, 384)
+    with torch.no_grad():
+        out = small(x, t, encoder_hidden_states=c).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # asking for what the source already is changes nothing, and is a cut of nothing
+    config = json.loads(json.dumps({k: v for k, v in big.config.items() if not k.startswith("_")}))  # as saved
+    assert compressed_unet_config(config, (), False, (), (False,) * levels) == config
+    with pytest.raises(ValueError, match="true or false per level"):
+        compressed_unet_config(config, (), False, (), (True,))
+
+
 @pytest.mark.parametrize("heads, message", [((3, 4), "do not divide"), ((1,), "one head count per level"),
                                             ((0, 4), "do not divide")])
 def test_cuts_that_do_not_fit_the_unet_are_refused(heads, message):
@@ -68,6 +95,8 @@ def test_cuts_that_do_not_fit_the_unet_are_refused(heads, message):
     ({"drop_attention": (1,)}, "no transformers to drop"),
     ({"first_step_share": 1.5}, "first_step_share"),
     ({"attention_heads": (), "drop_mid_block": False}, "already has these cuts"),
+    ({"attention_heads": (), "drop_mid_block": False, "only_cross_attention": (False, False)},
+     "already has these cuts"),
     ({"lr": 0.0}, "lr"),
     ({"source": "missing"}, "not a text-to-image pipeline folder"),
 ])
