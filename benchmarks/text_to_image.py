@@ -11,6 +11,7 @@ the share of the attributes a prompt names that the evaluator reads in its image
   ``--teacher_guidance``); teacher_steps / teacher_guidance say which (the fewest steps within
   ``--tolerance`` of the best adherence); the sweep's figures are teacher_adherence_s{steps}_g{guidance};
 - student_adherence: the student at 1 step, guidance 1 (its guidance is distilled in);
+  student_adherence_s{steps}: the same student at each of ``--student_steps`` (default 2 and 4);
 - fd_ratio: FD-world(student, real) / FD-world(teacher, real); real = held-out world renders,
   the generated images come from the captions of other held-out portraits;
 - speedup: teacher time / student time for the same batch of 8 prompts, end to end (text encoding,
@@ -216,6 +217,7 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
                 negative_attribute: str = "glasses=yes", negative_prompt: str | None = None,
                 nasa_scale: float = DEFAULT_NASA_SCALE, nasa_sweep: Sequence[float] = (0.5, 2.0, 3.0),
                 student_folder: str | Path | None = None, skip_onnx: bool = False,
+                student_steps_sweep: Sequence[int] = (2, 4),
                 text_encoder_path: str | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Every figure of the module docstring for loaded pipelines (``student_folder`` for the ONNX export)."""
     name, _, value = negative_attribute.partition("=")
@@ -253,6 +255,9 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
             figures[f"{model}_adherence_heldout"] = prompt_adherence([read[model][r] for r in rows],
                                                                      [asked[r] for r in rows])
     by_attribute = {model: adherence_by_attribute(read[model], asked) for model in ("teacher", "student")}
+    for k in student_steps_sweep:              # the same student sampled in more steps (LCMScheduler, guidance 1)
+        more = generate(student, texts, steps=k, guidance=1.0, images_per_prompt=images_per_prompt)
+        figures[f"student_adherence_s{k}"] = prompt_adherence(evaluator.predict_attributes(more), asked)
     # what the autoencoder(s) alone let through: held-out renders encoded, decoded, read against their captions
     tiny_student = type(student.vae) is not type(teacher.vae)
     decoders = {"teacher": teacher, **({"student": student} if tiny_student else {})}
@@ -334,12 +339,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up; medians reported")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--skip_onnx", action="store_true")
+    p.add_argument("--student_steps", type=_ints, default=[2, 4],
+                   help="more step counts of the student, reported as student_adherence_s{steps} "
+                        "(comma list; '' = none)")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.images_per_prompt < 1 or args.fd_images < 2 or args.repeats < 1 \
             or args.ceiling_images < 1 \
-            or not args.teacher_steps or not args.teacher_guidance:
-        p.error("--prompts, --images_per_prompt, --repeats, --ceiling_images >= 1, --fd_images >= 2 and non-empty "
-                "sweeps are needed")
+            or not args.teacher_steps or not args.teacher_guidance or any(k < 1 for k in args.student_steps):
+        p.error("--prompts, --images_per_prompt, --repeats, --ceiling_images >= 1, --fd_images >= 2, non-empty "
+                "teacher sweeps and --student_steps >= 1 are needed")
     try:
         teacher_path, student_path = check_model(args.teacher, "teacher"), check_model(args.student, "student")
     except FileNotFoundError as exc:
@@ -357,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           tolerance=args.tolerance, repeats=args.repeats,
                           negative_attribute=args.negative_attribute, negative_prompt=args.negative_prompt,
                           nasa_scale=args.nasa_scale, nasa_sweep=args.nasa_sweep, student_folder=student_path,
-                          skip_onnx=args.skip_onnx,
+                          skip_onnx=args.skip_onnx, student_steps_sweep=args.student_steps,
                           text_encoder_path=args.text_encoder_path, device=args.device)
     figures["threads"] = args.threads
     write(figures, args.json, "benchmarks.text_to_image", card=student_path if args.card else None)

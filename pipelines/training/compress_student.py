@@ -134,9 +134,9 @@ class CompressConfig:
         if compressed_unet_config(source_unet, self.attention_heads, self.drop_mid_block,
                                   self.drop_attention, self.only_cross_attention) == source_unet:
             raise ValueError(f"source {self.source!r}: its UNet already has these cuts (attention_heads "
-                             f"{list(self.attention_heads)}, drop_mid_block {self.drop_mid_block}, only_cross_attention "
-                             f"{list(self.only_cross_attention)}); compress a student with the teacher's UNet, e.g. "
-                             "the pipeline/ of a DMD2 run, or choose other cuts")
+                             f"{list(self.attention_heads)}, drop_mid_block {self.drop_mid_block}, "
+                             f"only_cross_attention {list(self.only_cross_attention)}); compress a student with the "
+                             "teacher's UNet, e.g. the pipeline/ of a DMD2 run, or choose other cuts")
 
 
 def compressed_unet_config(config: dict[str, Any], attention_heads: tuple[int, ...], drop_mid_block: bool,

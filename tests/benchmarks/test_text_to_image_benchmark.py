@@ -60,6 +60,7 @@ def test_main_gives_every_figure_finite(folders, tmp_path):
         assert key in figures and math.isfinite(figures[key]), key
     assert figures["teacher_steps"] in (1, 2)
     assert 0 <= figures["teacher_adherence"] <= 1 and 0 <= figures["student_adherence"] <= 1
+    assert all(0 <= figures[f"student_adherence_s{k}"] <= 1 for k in (2, 4))   # the default --student_steps
     assert figures["onnx_max_abs_diff"] < 1e-3                     # fp32 export of the same network
     # the int8 graphs: timed, compared and read too (quantised weights: close, not equal)
     assert 0 < figures["onnx_int8_max_abs_diff"] < 0.5 and figures["onnx_int8_speedup"] > 0
@@ -105,6 +106,9 @@ def test_missing_models_say_which_script_makes_them(folders, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--teacher", str(folders / "teacher"), "--student", str(tmp_path)])
     assert "pipelines.training.distill_dmd2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--student_steps", "0,2"])
+    assert exc.value.code == 2 and "--student_steps >= 1" in capsys.readouterr().err
 
 
 def test_figures_for_with_two_images_per_prompt_and_a_guidance_sweep(folders):
@@ -116,7 +120,9 @@ def test_figures_for_with_two_images_per_prompt_and_a_guidance_sweep(folders):
     figures = bench.figures_for(load("teacher"), load("student"), Evaluator.from_pretrained(folders / "evaluator"),
                                 prompts=2, images_per_prompt=2, fd_images=3, ceiling_images=2, teacher_steps=(2, 1),
                                 teacher_guidance=(1.0, 3.0), tolerance=1.0, repeats=1, skip_onnx=True,
-                                negative_attribute="accessory=hat", nasa_scale=1.5, nasa_sweep=(0.0, 1.5))
+                                negative_attribute="accessory=hat", nasa_scale=1.5, nasa_sweep=(0.0, 1.5),
+                                student_steps_sweep=(3,))
+    assert 0 <= figures["student_adherence_s3"] <= 1 and "student_adherence_s2" not in figures
     assert (figures["teacher_steps"], figures["teacher_guidance"]) == (1, 1.0)
     # the headline at the asked NASA strength, the sweep's other strengths beside it; strength 0 is no steering
     assert figures["negative_nasa_scale"] == 1.5 and "negative_suppression_s1.5" not in figures
