@@ -15,6 +15,11 @@
 #   bash scripts/refresh_text_to_image_gpu.sh            # GPU sizes (CUDA)
 #   TINY=1 bash scripts/refresh_text_to_image_gpu.sh     # a few steps on the CPU, to check the wiring
 #
+# STUDENT_INIT=DIR starts each DMD2 student from DIR's UNet (a pipeline or UNet folder, such as
+# assets/portrait_student, which already has the compressed architecture) instead of from a copy of its
+# teacher, and then skips the compression stage; that leaves time for TEACHER_MINUTES=4.5 (default 4.0)
+# of teacher training and 2.0 minutes of DMD2 in the same call.
+#
 # Needs the requirements installed (or on PYTHONPATH). MINILM_PATH may name an exported text encoder
 # (python -m pipelines.text_encoder export). On a machine without the package it is required.
 set -u
@@ -26,7 +31,17 @@ say() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 if [ "${TINY:-0}" = 1 ]; then
   N=64; TMIN=0.6; DMIN=0.3; CMIN=0.4; TB=8; DB=4; CB=4; W=2; DEV=cpu; TT=300; DT=300; CT=300; EP=0
 else
-  N=40000; TMIN=4.0; DMIN=1.8; CMIN=1.2; TB=1024; DB=128; CB=256; W=8; DEV=cuda; TT=270; DT=185; CT=120; EP=16
+  N=40000; TMIN=${TEACHER_MINUTES:-4.0}; DMIN=1.8; CMIN=1.2; TB=1024; DB=128; CB=256; W=8; DEV=cuda
+  TT=$(awk -v m="$TMIN" 'BEGIN { printf "%d", m * 60 + 30 }'); DT=185; CT=120; EP=16
+  if [ -n "${STUDENT_INIT:-}" ]; then DMIN=2.0; DT=200; fi
+fi
+[[ ${TEACHER_MINUTES:-4.0} =~ ^[0-9]+(\.[0-9]+)?$ ]] \
+  || { echo "TEACHER_MINUTES=${TEACHER_MINUTES} is not a number of minutes (such as 4.5)" >&2; exit 1; }
+INIT=()
+if [ -n "${STUDENT_INIT:-}" ]; then
+  [ -f "$STUDENT_INIT/unet/config.json" ] || [ -f "$STUDENT_INIT/config.json" ] \
+    || { echo "STUDENT_INIT=$STUDENT_INIT holds no UNet (unet/config.json or config.json)" >&2; exit 1; }
+  INIT=(--student_init "$STUDENT_INIT")
 fi
 RUNS=${RUNS:-runs}
 LOGS=${LOGS:-$RUNS/logs_gpu_refresh}
@@ -63,11 +78,14 @@ for e in 5 15; do
   if [ -f "$RUNS/teacher_gpu_e$e/pipeline/model_index.json" ]; then
     # shellcheck disable=SC2086
     timeout "$DT" $PY -m pipelines.training.distill_dmd2 --teacher "$RUNS/teacher_gpu_e$e/pipeline" \
-      --out_dir "$RUNS/dmd2_gpu_e$e" $STUDENT > "$LOGS/dmd2_e$e.log" 2>&1 &
+      --out_dir "$RUNS/dmd2_gpu_e$e" $STUDENT "${INIT[@]}" > "$LOGS/dmd2_e$e.log" 2>&1 &
   fi
 done
 wait
 say "students done"; tail -n 4 "$LOGS"/dmd2_e*.log
+if [ ${#INIT[@]} -gt 0 ]; then
+  say "students started from $STUDENT_INIT: no compression stage"; exit 0
+fi
 
 say "compressing each student"
 COMPRESS="--attention_heads 1,2,8 --drop_mid_block true --only_cross_attention true,false,false
