@@ -12,6 +12,11 @@ A run lives in one folder::
 
 Checkpoints are written to a temporary file and renamed, so a run killed mid-write still has its
 previous checkpoint, and :func:`RunFolder.latest_checkpoint` never returns a half-written file.
+
+A process that creates a run folder holds an advisory lock on its ``.lock`` file until the run
+ends (status finished, failed or stopped) or the process exits, so a second live process that
+tries to write the same folder is refused with the first one's pid. The operating system drops the
+lock of a killed process, so a killed run never leaves a stale lock (POSIX only; elsewhere no lock).
 """
 
 from __future__ import annotations
@@ -175,6 +180,11 @@ def _as_python_state(s: Any) -> tuple:
     return (version, tuple(internal), gauss)
 
 
+_HELD_LOCKS: dict[str, Any] = {}        # resolved run folder -> its open lock file, in this process
+
+_END_STATES = ("finished", "failed", "stopped")
+
+
 class RunFolder:
     """One training run's folder: config, metrics, samples, checkpoints, status."""
 
@@ -190,6 +200,7 @@ class RunFolder:
         folder by accident.
         """
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
         (self.path / "checkpoints").mkdir(exist_ok=True)
         (self.path / "samples").mkdir(exist_ok=True)
         new = config_to_dict(config)
@@ -246,6 +257,39 @@ class RunFolder:
 
     def set_status(self, state: str, **extra: Any) -> None:
         self._write_json(self.path / "status.json", {"state": state, "time": time.time(), **extra})
+        if state in _END_STATES:
+            self._unlock()
+
+    # -- one writer at a time -------------------------------------------------------------
+    def _lock(self) -> None:
+        """Hold ``.lock`` for this process (again: a no-op); refuse a folder another live process holds."""
+        try:
+            import fcntl
+        except ImportError:                      # Windows: no advisory locks here
+            return
+        key = str(self.path.resolve())
+        if key in _HELD_LOCKS:
+            return
+        file = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip()
+            file.close()
+            raise RuntimeError(
+                f"{self.path} is being written by another live process"
+                + (f" (pid {holder})" if holder else "")
+                + "; wait for it to finish, stop it, or choose another --out_dir") from None
+        file.truncate(0)
+        file.write(str(os.getpid()))
+        file.flush()
+        _HELD_LOCKS[key] = file
+
+    def _unlock(self) -> None:
+        file = _HELD_LOCKS.pop(str(self.path.resolve()), None)
+        if file is not None:
+            file.close()                         # closing the file drops the lock
 
     def status(self) -> dict[str, Any]:
         file = self.path / "status.json"

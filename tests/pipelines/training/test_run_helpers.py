@@ -41,3 +41,42 @@ def test_running_means_average_each_key_over_its_own_count_and_reset_on_pop():
     assert list(means) == ["gan", "loss"]                                    # sorted: same order on every process
     assert float(means["loss"]) == 2.0 and float(means["gan"]) == 4.0 and not means["loss"].requires_grad
     assert meter.pop() == {}
+
+
+def test_a_run_folder_has_one_live_writer_and_no_stale_lock(tmp_path):
+    """A second process is refused a folder a live run writes (with its pid); a killed run frees it."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pipelines.training.runs import RunFolder
+    from tests._fake_train import FakeConfig
+
+    root = Path(__file__).resolve().parents[3]
+    out = tmp_path / "run"
+    cfg = FakeConfig(out_dir=str(out), steps=2, startup_seconds=60.0)
+    proc = subprocess.Popen([sys.executable, "-m", "tests._fake_train", "--out_dir", str(out), "--steps", "2",
+                             "--startup_seconds", "60"], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        deadline = time.time() + 60
+        while RunFolder(out).status().get("state") != "running":
+            assert proc.poll() is None and time.time() < deadline, "the fake run did not start"
+            time.sleep(0.1)
+        with pytest.raises(RuntimeError, match=rf"another live process \(pid {proc.pid}\)"):
+            RunFolder(out).create(cfg, resume=True)
+        assert (out / "config.json").exists() and RunFolder(out).status()["state"] == "running"  # untouched
+    finally:
+        proc.kill()
+        proc.wait()
+    assert RunFolder(out).create(cfg, resume=True) is False        # the killed run left no lock behind
+    # the same process may create it again (a resume in one process); an ended run frees its lock
+    assert RunFolder(out).create(cfg, resume=True) is False
+    RunFolder(out).set_status("finished")
+    check = subprocess.run([sys.executable, "-c", "from pipelines.training.runs import RunFolder; import sys; "
+                            "from tests._fake_train import FakeConfig; "
+                            "RunFolder(sys.argv[1]).create(FakeConfig(out_dir=sys.argv[1], steps=2, "
+                            "startup_seconds=60.0), resume=True)", str(out)],
+                           cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
