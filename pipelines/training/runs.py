@@ -200,7 +200,16 @@ class RunFolder:
         folder by accident.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock()
+        acquired = self._lock()
+        try:
+            self._prepare(config, resume=resume)
+        except BaseException:
+            if acquired:                          # a refused config leaves the folder free for the next try
+                self._unlock()
+            raise
+        return resume and self.latest_checkpoint() is not None
+
+    def _prepare(self, config: Any, *, resume: bool) -> None:
         (self.path / "checkpoints").mkdir(exist_ok=True)
         (self.path / "samples").mkdir(exist_ok=True)
         new = config_to_dict(config)
@@ -223,7 +232,6 @@ class RunFolder:
                     "start a new run folder instead"
                 )
         self._write_json(cfg_file, new)
-        return resume and self.latest_checkpoint() is not None
 
     def config(self) -> dict[str, Any]:
         return json.loads((self.path / "config.json").read_text())
@@ -261,15 +269,16 @@ class RunFolder:
             self._unlock()
 
     # -- one writer at a time -------------------------------------------------------------
-    def _lock(self) -> None:
-        """Hold ``.lock`` for this process (again: a no-op); refuse a folder another live process holds."""
+    def _lock(self) -> bool:
+        """Hold ``.lock`` for this process; refuse a folder another live process holds. True when this
+        call took the lock (False: this process held it already, or the platform has no flock)."""
         try:
             import fcntl
         except ImportError:                      # Windows: no advisory locks here
-            return
+            return False
         key = str(self.path.resolve())
         if key in _HELD_LOCKS:
-            return
+            return False
         file = open(self.path / ".lock", "a+")
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -285,6 +294,7 @@ class RunFolder:
         file.write(str(os.getpid()))
         file.flush()
         _HELD_LOCKS[key] = file
+        return True
 
     def _unlock(self) -> None:
         file = _HELD_LOCKS.pop(str(self.path.resolve()), None)

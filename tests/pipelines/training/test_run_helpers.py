@@ -1,13 +1,22 @@
-"""Helpers the training scripts share: field-kind checks and the running means between log rows."""
+"""Helpers the training scripts share: field-kind checks, the running means between log rows, and
+the run folder's one-writer lock."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
-from pipelines.training.runs import RunningMeans, check_fields
+from pipelines.training.runs import RunFolder, RunningMeans, check_fields
+from tests._fake_train import FakeConfig
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass
@@ -45,20 +54,10 @@ def test_running_means_average_each_key_over_its_own_count_and_reset_on_pop():
 
 def test_a_run_folder_has_one_live_writer_and_no_stale_lock(tmp_path):
     """A second process is refused a folder a live run writes (with its pid); a killed run frees it."""
-    import os
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from pipelines.training.runs import RunFolder
-    from tests._fake_train import FakeConfig
-
-    root = Path(__file__).resolve().parents[3]
     out = tmp_path / "run"
     cfg = FakeConfig(out_dir=str(out), steps=2, startup_seconds=60.0)
     proc = subprocess.Popen([sys.executable, "-m", "tests._fake_train", "--out_dir", str(out), "--steps", "2",
-                             "--startup_seconds", "60"], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+                             "--startup_seconds", "60"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.time() + 60
         while RunFolder(out).status().get("state") != "running":
@@ -78,5 +77,21 @@ def test_a_run_folder_has_one_live_writer_and_no_stale_lock(tmp_path):
                             "from tests._fake_train import FakeConfig; "
                             "RunFolder(sys.argv[1]).create(FakeConfig(out_dir=sys.argv[1], steps=2, "
                             "startup_seconds=60.0), resume=True)", str(out)],
-                           cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True)
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def test_a_refused_create_leaves_the_folder_free_for_another_process(tmp_path):
+    out = tmp_path / "run"
+    run = RunFolder(out)
+    run.create(FakeConfig(out_dir=str(out)), resume=False)
+    run.save_checkpoint(1, {"step": 1})
+    run.set_status("stopped", step=1)                                # ended: the lock is free
+    with pytest.raises(FileExistsError, match="pass --resume true"):
+        RunFolder(out).create(FakeConfig(out_dir=str(out)), resume=False)
+    check = subprocess.run([sys.executable, "-c", "from pipelines.training.runs import RunFolder; import sys; "
+                            "from tests._fake_train import FakeConfig; "
+                            "print(RunFolder(sys.argv[1]).create(FakeConfig(out_dir=sys.argv[1]), resume=True))",
+                            str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.strip() == "True", check.stderr
