@@ -3,8 +3,9 @@
 Every registered ``text_to_image`` model is a choice: the embedded student and teacher, local
 diffusers folders, hub ids and finished runs. A folder whose scheduler is an ``LCMScheduler`` is a
 DMD2 student (``pipelines/training/distill_dmd2.py``): it runs in 1-4 steps at guidance 1 (the
-teacher's guidance is distilled in); any other portrait pipeline is a teacher (25 steps, guidance
-4); hub families take their own conventions (``pipelines.hub_models.DEFAULTS``). With a one-step
+teacher's guidance is distilled in); any other portrait pipeline is a teacher, at the best setting
+the text-to-image benchmark measured for it (its card's ``benchmark_teacher_steps`` and
+``benchmark_teacher_guidance``), else 25 steps and guidance 4; hub families take their own conventions (``pipelines.hub_models.DEFAULTS``). With a one-step
 model the images follow the prompt as it is typed (``trigger_mode="always_last"`` drops the
 keystrokes typed while one generation runs). Shown only when the registry holds such a model.
 """
@@ -124,6 +125,17 @@ def _student_steps(card: dict[str, Any]) -> int:
     return steps if isinstance(steps, int) and 1 <= steps <= STUDENT_MAX_STEPS else 1
 
 
+def _teacher_setting(card: dict[str, Any]) -> tuple[int, float]:
+    """A portrait teacher's steps and guidance: the best setting the benchmark measured (in its card),
+    else :data:`TEACHER_STEPS` and :data:`TEACHER_GUIDANCE`."""
+    figures = card.get("figures") if isinstance(card.get("figures"), dict) else {}
+    steps, guidance = figures.get("benchmark_teacher_steps"), figures.get("benchmark_teacher_guidance")
+    if (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= TEACHER_MAX_STEPS
+            and isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and 1 <= guidance <= 20):
+        return steps, float(guidance)
+    return TEACHER_STEPS, TEACHER_GUIDANCE
+
+
 def model_defaults(registry: ModelRegistry, name: str) -> ModelDefaults:
     """Defaults for ``name``, read from its files without loading its weights (never raises for
     a model that cannot load: that is reported when it is used)."""
@@ -139,8 +151,8 @@ def model_defaults(registry: ModelRegistry, name: str) -> ModelDefaults:
         if scheduler == "LCMScheduler":      # a DMD2 student
             return ModelDefaults("student", _student_steps(card), STUDENT_MAX_STEPS, STUDENT_GUIDANCE,
                                  teacher=card_teacher(registry, name), note=title or "distilled student (LCMScheduler)")
-        return ModelDefaults("teacher", TEACHER_STEPS, TEACHER_MAX_STEPS, TEACHER_GUIDANCE,
-                             note=title or f"teacher ({scheduler})")
+        steps, guidance = _teacher_setting(card)
+        return ModelDefaults("teacher", steps, TEACHER_MAX_STEPS, guidance, note=title or f"teacher ({scheduler})")
     try:
         family = detect_family(spec.location)
     except Exception as exc:  # noqa: BLE001 - offline hub id, not a model: shown, raised again on use

@@ -91,6 +91,23 @@ def test_student_and_teacher_defaults_come_from_the_folder_and_the_card(folders,
     assert hub.role == "unknown" and not hub.one_step and "not in the local cache" in hub.note
 
 
+@pytest.mark.parametrize("figures, expected", [
+    ({"benchmark_teacher_steps": 10, "benchmark_teacher_guidance": 4.0}, (10, 4.0)),   # the measured best
+    ({"benchmark_teacher_steps": 10}, (25, 4.0)),                                      # half a setting: default
+    ({"benchmark_teacher_steps": 500, "benchmark_teacher_guidance": 4.0}, (25, 4.0)),  # off the slider
+    ({"benchmark_teacher_steps": True, "benchmark_teacher_guidance": 4.0}, (25, 4.0)),
+])
+def test_a_teacher_runs_at_the_setting_its_card_measured_best(folders, tmp_path, figures, expected):
+    from pipelines.cards import write_card
+
+    registry = ModelRegistry("cpu")
+    folder = shutil.copytree(folders / "teacher", tmp_path / "teacher")
+    write_card(folder, title="teacher", task="t", architecture="a", source="s", figures=figures)
+    add_local(registry, folder, name="t")
+    d = model_defaults(registry, "t")
+    assert (d.role, d.steps, d.guidance_scale) == ("teacher", *expected)
+
+
 def test_generate_handler_returns_the_batch_and_the_latency(app):
     items, info = _handler(app, "on_generate")("student", "a girl with blue hair", "", 1, 1.0, 3, "7")
     assert len(items) == 3 and "per image" in info and " ms" in info and "seed 7" in info
