@@ -42,11 +42,14 @@ in turn (teacher, student, the student at batch 1 and with the teacher's decoder
 int8), and the medians; interleaved, a drift of the machine's speed stays out of the ratios.
 ``--threads`` torch threads (2 by default). The teacher comes from
 ``python -m pipelines.training.train_diffusion_teacher`` (its ``<out_dir>/pipeline``), the student from
-``python -m pipelines.training.distill_dmd2``.
+``python -m pipelines.training.distill_dmd2``. ``--card`` merges the figures into the student's card
+(as ``benchmark_*``), and the teacher's own (``teacher_*``, ``autoencoder_ceiling``) into the teacher's
+card, where the studio reads its best setting.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +59,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import parser, write
+from pipelines.cards import add_figures, read_card
 from pipelines.data.portrait_world import ATTRIBUTES, PortraitWorld, caption_attributes
 from pipelines.evaluation import (EMBEDDED_EVALUATOR, Evaluator, adherence_by_attribute, frechet_distance,
                                  prompt_adherence)
@@ -369,7 +373,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           text_encoder_path=args.text_encoder_path, device=args.device)
     figures["threads"] = args.threads
     write(figures, args.json, "benchmarks.text_to_image", card=student_path if args.card else None)
+    if args.card and read_card(teacher_path):
+        # the teacher's own figures in its card too: the studio runs it at its measured best setting
+        add_figures(teacher_path, teacher_card_figures(figures),
+                    command="python -m benchmarks.text_to_image " + " ".join(sys.argv[1:]))
     return figures
+
+
+def teacher_card_figures(figures: dict[str, Any]) -> dict[str, Any]:
+    """The figures that describe the teacher alone (``teacher_*``, and its autoencoder's ceiling)."""
+    return {k: v for k, v in figures.items() if k.startswith("teacher_") or k == "autoencoder_ceiling"}
 
 
 if __name__ == "__main__":

@@ -165,3 +165,23 @@ def test_a_student_with_a_tiny_decoder_is_also_timed_and_scored_with_the_teacher
     assert "student_autoencoder_ceiling" in figures["adherence_by_attribute"]
     assert figures["fd_world_student_full_decoder"] == pytest.approx(plain["fd_world_student"])
     assert figures["fd_world_student"] != pytest.approx(plain["fd_world_student"])
+
+
+def test_the_teacher_card_takes_the_teacher_figures_and_the_studio_reads_its_best_setting(folders, tmp_path):
+    import shutil
+
+    from pipelines.cards import add_figures, read_card, write_card
+    from studio.registry import ModelRegistry, add_local
+    from studio.tabs.text_to_image import model_defaults
+
+    figures = {"teacher_adherence": 0.9, "teacher_steps": 10, "teacher_guidance": 4.0, "autoencoder_ceiling": 0.93,
+               "student_adherence": 0.88, "fd_ratio": 1.3, "speedup": 12.0}
+    picked = bench.teacher_card_figures(figures)
+    assert set(picked) == {"teacher_adherence", "teacher_steps", "teacher_guidance", "autoencoder_ceiling"}
+    folder = shutil.copytree(folders / "teacher", tmp_path / "teacher")
+    write_card(folder, title="teacher", task="t", architecture="a", source="s")
+    add_figures(folder, picked, command="python -m benchmarks.text_to_image --card")
+    assert read_card(folder)["figures"]["benchmark_teacher_steps"] == 10
+    registry = ModelRegistry("cpu")
+    add_local(registry, folder, name="t")
+    assert (model_defaults(registry, "t").steps, model_defaults(registry, "t").guidance_scale) == (10, 4.0)
