@@ -32,9 +32,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def command_line(name: str) -> str:
+    """How this benchmark was run: ``python -m <name>`` and the arguments it was given."""
+    return "python -m " + name + " " + " ".join(sys.argv[1:])
+
+
 def write(figures: dict[str, Any], path: Path | None, name: str, card: Path | None = None) -> None:
     """Print the figures as JSON, write them to ``path`` and, with ``card``, into that model card."""
-    command = "python -m " + name + " " + " ".join(sys.argv[1:])
+    command = command_line(name)
     out = {"benchmark": name, "command": command,
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "figures": figures}
     text = json.dumps(out, indent=1, default=float)

@@ -49,7 +49,6 @@ card, where the studio reads its best setting.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import parser, write
+from benchmarks.common import command_line, parser, write
 from pipelines.cards import add_figures, read_card
 from pipelines.data.portrait_world import ATTRIBUTES, PortraitWorld, caption_attributes
 from pipelines.evaluation import (EMBEDDED_EVALUATOR, Evaluator, adherence_by_attribute, frechet_distance,
@@ -376,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.card and read_card(teacher_path):
         # the teacher's own figures in its card too: the studio runs it at its measured best setting
         add_figures(teacher_path, teacher_card_figures(figures),
-                    command="python -m benchmarks.text_to_image " + " ".join(sys.argv[1:]))
+                    command=command_line("benchmarks.text_to_image"))
     return figures
 
 

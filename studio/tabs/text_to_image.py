@@ -5,7 +5,8 @@ diffusers folders, hub ids and finished runs. A folder whose scheduler is an ``L
 DMD2 student (``pipelines/training/distill_dmd2.py``): it runs in 1-4 steps at guidance 1 (the
 teacher's guidance is distilled in); any other portrait pipeline is a teacher, at the best setting
 the text-to-image benchmark measured for it (its card's ``benchmark_teacher_steps`` and
-``benchmark_teacher_guidance``), else 25 steps and guidance 4; hub families take their own conventions (``pipelines.hub_models.DEFAULTS``). With a one-step
+``benchmark_teacher_guidance``), else 25 steps and guidance 4; hub families take their own
+conventions (``pipelines.hub_models.DEFAULTS``). With a one-step
 model the images follow the prompt as it is typed (``trigger_mode="always_last"`` drops the
 keystrokes typed while one generation runs). Shown only when the registry holds such a model.
 """
@@ -34,6 +35,7 @@ __all__ = ["build", "ModelDefaults", "Generation", "Comparison", "model_defaults
 MAX_BATCH = 8              # images per generation
 STUDENT_MAX_STEPS = 4      # a distilled student is trained for 1-4 steps
 TEACHER_MAX_STEPS = 50
+GUIDANCE_MAX = 20          # the guidance slider's top
 TEACHER_STEPS, TEACHER_GUIDANCE = 25, 4.0
 STUDENT_GUIDANCE = 1.0     # guidance_scale=1: the conditional branch alone (guidance distilled in)
 
@@ -130,8 +132,8 @@ def _teacher_setting(card: dict[str, Any]) -> tuple[int, float]:
     else :data:`TEACHER_STEPS` and :data:`TEACHER_GUIDANCE`."""
     figures = card.get("figures") if isinstance(card.get("figures"), dict) else {}
     steps, guidance = figures.get("benchmark_teacher_steps"), figures.get("benchmark_teacher_guidance")
-    if (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= TEACHER_MAX_STEPS
-            and isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and 1 <= guidance <= 20):
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (steps, guidance))
+    if numbers and isinstance(steps, int) and 1 <= steps <= TEACHER_MAX_STEPS and 1 <= guidance <= GUIDANCE_MAX:
         return steps, float(guidance)
     return TEACHER_STEPS, TEACHER_GUIDANCE
 
@@ -201,8 +203,8 @@ def check_settings(defaults: ModelDefaults, steps: Any, batch: Any, guidance: An
         guidance = float(guidance)
     except (TypeError, ValueError):
         raise ValueError(f"guidance must be a number, not {guidance!r}") from None
-    if not 0.0 <= guidance <= 20.0:
-        raise ValueError(f"guidance must be between 0 and 20, got {guidance:g}")
+    if not 0.0 <= guidance <= GUIDANCE_MAX:
+        raise ValueError(f"guidance must be between 0 and {GUIDANCE_MAX}, got {guidance:g}")
     return steps, batch, guidance
 
 
@@ -330,7 +332,7 @@ def build(registry: ModelRegistry, demo: gr.Blocks) -> dict[str, Any] | None:
                     seed = gr.Textbox(value="0", label="Seed", scale=3, elem_id="t2i_seed")
                     randomise = gr.Button("Random seed", scale=1, elem_id="t2i_randomise")
                 with gr.Accordion("More", open=False):
-                    guidance = gr.Slider(0, 20, value=d.guidance_scale, step=0.5, label="Guidance",
+                    guidance = gr.Slider(0, GUIDANCE_MAX, value=d.guidance_scale, step=0.5, label="Guidance",
                                          info="1 for distilled students (their guidance is distilled in)",
                                          elem_id="t2i_guidance")
                     live = gr.Checkbox(True, label="Regenerate as I type (one-step models only)", elem_id="t2i_live")
