@@ -43,6 +43,12 @@ __all__ = ["DEFAULT_NASA_SCALE", "PortraitDiffusionPipeline", "TextToImageOutput
 # The autoencoders a pipeline folder's vae/ may hold: the full one, or a tiny one distilled to its latents.
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 
+# Autoencoders whose decoder runs faster on the CPU when fed channels-last latents. An AutoencoderTiny's
+# narrow ReLU convolutions (the student's: 24 channels) take oneDNN's NHWC kernels then, about twice as
+# fast as in NCHW (64 px, 2 threads: 32 -> 15 ms at batch 8, 6.3 -> 3.5 ms at batch 1; same images to
+# 2e-6). An AutoencoderKL decoder gains nothing, so it stays in NCHW.
+CHANNELS_LAST_DECODERS = ("AutoencoderTiny",)
+
 
 def vae_scale_shift(vae) -> tuple[float, float]:
     """The VAE config's (scaling_factor, shift_factor): UNet latents = (vae latent - shift) * scale."""
@@ -338,7 +344,9 @@ class PortraitDiffusionPipeline:
         scale, shift = self.latent_scale_shift()
         vae_param = next(self.vae.parameters())
         z = latents.to(vae_param.device, vae_param.dtype) / scale + shift
-        return self.vae.decode(z).sample.float().clamp(-1, 1)
+        if z.device.type == "cpu" and type(self.vae).__name__ in CHANNELS_LAST_DECODERS:
+            z = z.contiguous(memory_format=torch.channels_last)
+        return self.vae.decode(z).sample.float().clamp(-1, 1).contiguous()
 
     # -- sampling ---------------------------------------------------------------------------
     def _sync(self) -> None:

@@ -111,8 +111,13 @@ def test_a_distilled_tiny_autoencoder_swaps_in_and_decodes(minilm, tmp_path, cap
     assert isinstance(loaded.vae, AutoencoderTiny) and loaded.image_size == 16
     assert loaded.latent_scale_shift() == (1.0, 0.0)      # its latents are the UNet's own
 
+    layouts = []                    # on the CPU the tiny decoder is fed channels-last latents (faster there)
+    hook = loaded.vae.decoder.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     out = loaded(prompt="a portrait with red hair", num_inference_steps=2, output_type="pt",
                  generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert layouts == [True] and out.images.is_contiguous()
     assert out.images.shape == (1, 3, 16, 16)
     tiny = AutoencoderTiny.from_pretrained(tiny_folder)
     with torch.no_grad():
