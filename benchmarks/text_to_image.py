@@ -18,7 +18,8 @@ the share of the attributes a prompt names that the evaluator reads in its image
   denoising, decoding to PIL), teacher at its best setting; denoise_speedup: the denoising loop alone;
 - onnx_speedup: eager student / ONNX Runtime student (fp32 export, CPU, same batch of 8) with
   onnx_max_abs_diff, the largest difference of their images in [0, 1] from the same noise; the
-  same for the int8 dynamically quantised graphs (onnx_int8_*), with their adherence
+  same for the int8 dynamically quantised graphs (onnx_int8_*), with their adherence, and each
+  stage apart (onnx[_int8]_{text_encoding,denoising,decoding}_ms and _speedup, onnx_eager_*_ms)
   (``--skip_onnx`` leaves these out);
 - negative_suppression: share of student images showing ``--negative_attribute`` (glasses=yes) when
   the prompt asks for it and the negative prompt names it (NASA, ``negative_mode="nasa"``), divided
@@ -82,6 +83,7 @@ NEGATIVE_PHRASES = {
     ("expression", "surprised"): "surprised",
 }
 NEGATIVE_SEED = 34_000_000
+STAGES = ("text_encoding", "denoising", "decoding")    # the pipelines' timings, one per network
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -150,11 +152,16 @@ def onnx_figures(student_folder: str | Path, prompts: Sequence[str], *, repeats:
         timed = time_calls({"eager": run(eager), **{prefix: run(pipe) for prefix, pipe in pipes.items()}},
                            repeats=repeats)
         figures["onnx_eager_batch_ms"] = 1000 * timed["eager"]["total"]
+        for stage in STAGES:
+            figures[f"onnx_eager_{stage}_ms"] = 1000 * timed["eager"][stage]
         for prefix, onnx in pipes.items():
             b = onnx(**common).images
             figures.update({f"{prefix}_speedup": timed["eager"]["total"] / timed[prefix]["total"],
                             f"{prefix}_max_abs_diff": float((a - b).abs().max()) / 2,  # in [0, 1] units
                             f"{prefix}_batch_ms": 1000 * timed[prefix]["total"]})
+            for stage in STAGES:          # where the runtime gains: text encoder, UNet, decoder apart
+                figures[f"{prefix}_{stage}_ms"] = 1000 * timed[prefix][stage]
+                figures[f"{prefix}_{stage}_speedup"] = timed["eager"][stage] / timed[prefix][stage]
         if evaluator is not None and adherence_prompts:
             images = generate(pipes["onnx_int8"], list(adherence_prompts), steps=1, guidance=1.0,
                               images_per_prompt=images_per_prompt)

@@ -65,6 +65,10 @@ def test_main_gives_every_figure_finite(folders, tmp_path):
     # the int8 graphs: timed, compared and read too (quantised weights: close, not equal)
     assert 0 < figures["onnx_int8_max_abs_diff"] < 0.5 and figures["onnx_int8_speedup"] > 0
     assert 0 <= figures["onnx_int8_student_adherence"] <= 1
+    for stage in ("text_encoding", "denoising", "decoding"):       # each network's share, both runtimes
+        assert figures[f"onnx_eager_{stage}_ms"] > 0 and figures[f"onnx_{stage}_ms"] > 0
+        assert figures[f"onnx_{stage}_speedup"] == pytest.approx(
+            figures[f"onnx_eager_{stage}_ms"] / figures[f"onnx_{stage}_ms"])
     # the autoencoder's ceiling: the renders themselves score (nearly) 1 with the tiny evaluator's
     # reading, and the per-attribute split is written to the JSON (the card takes numbers only)
     assert figures["ceiling_images"] == 6 and 0 <= figures["autoencoder_ceiling"] <= 1
