@@ -82,6 +82,27 @@ def test_cross_attention_only_levels_start_from_their_cross_attention_and_keep_t
         compressed_unet_config(config, (), False, (), (True,))
 
 
+def test_a_down_only_cut_drops_the_down_blocks_transformers_and_keeps_their_mirrors():
+    big = tiny_diffusion_unet().eval()
+    assert big.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    small = make_compressed_unet(big, CompressConfig(attention_heads=(), drop_mid_block=False,
+                                                     drop_down_attention=(0,))).eval()
+    assert small.config.down_block_types[0] == "DownBlock2D" and not hasattr(small.down_blocks[0], "attentions")
+    assert list(small.config.up_block_types) == list(big.config.up_block_types)      # the mirror keeps its own
+    assert len(small.up_blocks[-1].attentions) == len(big.up_blocks[-1].attentions)
+    big_state, small_state = big.state_dict(), small.state_dict()
+    assert set(big_state) - set(small_state) == {k for k in big_state if k.startswith("down_blocks.0.attentions.")}
+    for key, value in small_state.items():
+        assert torch.equal(value, big_state[key]), key
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([999, 500]), torch.randn(2, 5, 384)
+    with torch.no_grad():
+        out, ref = small(x, t, encoder_hidden_states=c).sample, big(x, t, encoder_hidden_states=c).sample
+    assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.allclose(out, ref)
+    config = dict(big.config)
+    with pytest.raises(ValueError, match="not a down-block index"):
+        compressed_unet_config(config, (), False, drop_down_attention=(7,))
+
+
 @pytest.mark.parametrize("heads, message", [((3, 4), "do not divide"), ((1,), "one head count per level"),
                                             ((0, 4), "do not divide")])
 def test_cuts_that_do_not_fit_the_unet_are_refused(heads, message):
@@ -93,6 +114,7 @@ def test_cuts_that_do_not_fit_the_unet_are_refused(heads, message):
 @pytest.mark.parametrize("overrides, message", [
     ({"attention_heads": (5, 4)}, "do not divide"),
     ({"drop_attention": (1,)}, "no transformers to drop"),
+    ({"drop_down_attention": (1,)}, "no transformers to drop"),
     ({"first_step_share": 1.5}, "first_step_share"),
     ({"attention_heads": (), "drop_mid_block": False}, "already has these cuts"),
     ({"attention_heads": (), "drop_mid_block": False, "only_cross_attention": (False, False)},
