@@ -5,9 +5,10 @@
 # 5x and 15x (--eye_weight). Each trains on 40000 renders at batch 1024. The small UNet leaves most
 # of the GPU idle, so two runs at once cost little more than one. A DMD2 student is then distilled
 # from each teacher, again side by side, and each student is compressed into the smaller UNet the
-# shipped student has (compress_student: merged attention heads, no mid block, cross-attention only
-# at 16x16). The autoencoder stays as it is, so the shipped tiny decoder of the student still fits
-# them all. The runs land in $RUNS/teacher_gpu_e{5,15}, $RUNS/dmd2_gpu_e{5,15} and
+# shipped student has (compress_student: merged attention heads, no mid block, cross-attention
+# only at 16x16, no transformer in the 16x16 down block). The autoencoder stays as it is, so the
+# shipped tiny decoder of the student still fits them all. The runs land in $RUNS/teacher_gpu_e{5,15},
+# $RUNS/dmd2_gpu_e{5,15} and
 # $RUNS/compress_gpu_e{5,15} (RUNS=runs by default, relative to the repository root, where the
 # script runs).
 # Pick the better pair with the benchmark, and copy it into assets/ as docs/TRAINING.md shows.
@@ -88,7 +89,7 @@ if [ ${#INIT[@]} -gt 0 ]; then
 fi
 
 say "compressing each student"
-COMPRESS="--attention_heads 1,2,8 --drop_mid_block true --only_cross_attention true,false,false
+COMPRESS="--attention_heads 1,2,8 --drop_mid_block true --only_cross_attention true,false,false --drop_down_attention 0
  --real_images $N --bank_cache $RUNS/cache --captions_per_image 2 --batch $CB --lr 3e-4 --warmup_steps 50
  --total_steps 100000 --max_minutes $CMIN
  --first_step_share 0.6 --mixed_precision no --log_every 20 --sample_every 1000000 --checkpoint_every 1000000

@@ -38,6 +38,8 @@ def test_tiny_refresh_writes_two_teachers_and_a_student_from_each(tmp_path):
         compressed = json.loads((runs / f"compress_gpu_e{weight}" / "pipeline" / "unet" / "config.json").read_text())
         assert compressed["mid_block_type"] is None and compressed["attention_head_dim"] == [1, 2, 8]
         assert compressed["only_cross_attention"] == [True, False, False]
+        assert compressed["down_block_types"][0] == "DownBlock2D"                 # as the shipped student
+        assert compressed["up_block_types"][-1] == "CrossAttnUpBlock2D"
     assert sorted(p.name for p in (runs / "logs_gpu_refresh").iterdir()) == [
         "compress_e15.log", "compress_e5.log", "dmd2_e15.log", "dmd2_e5.log", "teacher_e15.log", "teacher_e5.log"]
     # as docs/TRAINING.md says: the shipped tiny decoder swaps into a refreshed student, which then samples
@@ -65,6 +67,7 @@ def test_tiny_refresh_from_a_student_init_skips_the_compression(tmp_path):
         unet = json.loads((runs / f"dmd2_gpu_e{weight}" / "pipeline" / "unet" / "config.json").read_text())
         assert unet["attention_head_dim"] == shipped["attention_head_dim"] == [1, 2, 8]
         assert unet["only_cross_attention"] == shipped["only_cross_attention"]
+        assert unet["down_block_types"] == shipped["down_block_types"]
         assert not (runs / f"compress_gpu_e{weight}").exists()
     assert not (runs / "logs_gpu_refresh" / "compress_e5.log").exists()
 
