@@ -64,8 +64,9 @@ from pipelines.data.portrait_world import ATTRIBUTES, PortraitWorld, caption_att
 from pipelines.evaluation import (EMBEDDED_EVALUATOR, Evaluator, adherence_by_attribute, frechet_distance,
                                  prompt_adherence)
 from pipelines.text_to_image import DEFAULT_NASA_SCALE, PortraitDiffusionPipeline
-from pipelines.text_to_image_eval import (TIMING_BATCH, adherence, autoencoder_ceiling, generate, heldout_captions,
-                                         naming_caption, prompt_set, real_images, speed_figures, time_calls)
+from pipelines.text_to_image_eval import (STAGES, TIMING_BATCH, adherence, autoencoder_ceiling, generate,
+                                         heldout_captions, naming_caption, prompt_set, real_images, speed_figures,
+                                         time_calls)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = ROOT / "assets" / "portrait_teacher"
@@ -83,7 +84,6 @@ NEGATIVE_PHRASES = {
     ("expression", "surprised"): "surprised",
 }
 NEGATIVE_SEED = 34_000_000
-STAGES = ("text_encoding", "denoising", "decoding")    # the pipelines' timings, one per network
 
 
 # -- models -------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from pipelines.data.portrait_world import HELD_OUT_COMBINATIONS, PortraitWorld, 
 from pipelines.evaluation import Evaluator, adherence_by_attribute, frechet_distance, prompt_adherence
 
 __all__ = ["prompt_set", "naming_caption", "real_images", "heldout_captions", "generate", "adherence",
-           "autoencoder_ceiling", "time_call", "time_calls", "speed_figures", "evaluate_student"]
+           "autoencoder_ceiling", "time_call", "time_calls", "speed_figures", "evaluate_student", "STAGES",
+           "TIMING_BATCH"]
 
 TIMING_BATCH = 8
+STAGES = ("text_encoding", "denoising", "decoding")   # the pipelines' timings, one per network
 PROMPT_SEED = 31_000_000
 FD_PROMPT_SEED = 32_000_000
 REAL_SEED = 33_000_000
@@ -178,7 +180,7 @@ def speed_figures(teacher, student, prompts: Sequence[str], *, teacher_steps: in
                "timing_batch": len(prompts), "student_latency_ms": 1000 * timed["one"]["total"]}
     for name in ("teacher", "student", *(others or {})):
         figures[f"{name}_batch_ms"] = 1000 * timed[name]["total"]
-        for k in ("text_encoding", "denoising", "decoding"):
+        for k in STAGES:
             figures[f"{name}_{k}_ms"] = 1000 * timed[name][k]
     return figures
 
