@@ -8,9 +8,8 @@
 # shipped student has (compress_student: merged attention heads, no mid block, cross-attention
 # only at 16x16, no transformer in the 16x16 down block). The autoencoder stays as it is, so the
 # shipped tiny decoder of the student still fits them all. The runs land in $RUNS/teacher_gpu_e{5,15},
-# $RUNS/dmd2_gpu_e{5,15} and
-# $RUNS/compress_gpu_e{5,15} (RUNS=runs by default, relative to the repository root, where the
-# script runs).
+# $RUNS/dmd2_gpu_e{5,15} and $RUNS/compress_gpu_e{5,15} (RUNS=runs by default, relative to the
+# repository root, where the script runs).
 # Pick the better pair with the benchmark, and copy it into assets/ as docs/TRAINING.md shows.
 #
 #   bash scripts/refresh_text_to_image_gpu.sh            # GPU sizes (CUDA)

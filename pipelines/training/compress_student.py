@@ -15,7 +15,7 @@ by output-level and feature-level distillation:
 - ``drop_attention``: transformers removed by level (as ``distill_dmd2 --student_drop_attention``);
 - ``drop_down_attention``: transformers removed from a level's down block only; its up block keeps
   theirs (BK-SDM's cuts, too, leave the decoder side more of the network). At 16x16 that is one of
-  the level's three transformers, about a tenth of the shipped student's call at batch 8;
+  the level's three transformers, about a seventh of the 5.87 M student's call at batch 8;
 - ``only_cross_attention``: by level, the transformers' self-attention attends to the text instead
   (diffusers' ``only_cross_attention``). At full resolution that is 256 queries against the
   prompt's 52 tokens instead of 256; its key and value projections start as the same block's
