@@ -18,9 +18,14 @@ the share of the attributes a prompt names that the evaluator reads in its image
   denoising, decoding to PIL), teacher at its best setting; denoise_speedup: the denoising loop alone;
 - onnx_speedup: eager student / ONNX Runtime student (fp32 export, CPU, same batch of 8) with
   onnx_max_abs_diff, the largest difference of their images in [0, 1] from the same noise; the
-  same for the int8 dynamically quantised graphs (onnx_int8_*), with their adherence, and each
-  stage apart (onnx[_int8]_{text_encoding,denoising,decoding}_ms and _speedup, onnx_eager_*_ms)
-  (``--skip_onnx`` leaves these out);
+  ONNX pipeline runs as it samples a one-step student, through the export's one-step graph
+  (onnx_one_step = 1; 0 when the export has none). The same for the int8 dynamically quantised
+  graphs (onnx_int8_*), with their adherence. Each stage apart comes from the three graphs
+  (onnx[_int8]_staged_{text_encoding,denoising,decoding}_ms and _speedup against onnx_eager_*_ms;
+  onnx[_int8]_staged_speedup end to end; without a one-step graph, onnx[_int8]_<stage>_*).
+  onnx_latency_speedup: the same for one prompt, one image (onnx_latency_ms against
+  onnx_eager_latency_ms). These run in their own ``--onnx_repeats`` rounds (``--skip_onnx``
+  leaves them out);
 - negative_suppression: share of student images showing ``--negative_attribute`` (glasses=yes) when
   the prompt asks for it and the negative prompt names it (NASA, ``negative_mode="nasa"``), divided
   by that share without the negative prompt (the denominator floored at one image, so that the
@@ -39,8 +44,10 @@ the share of the attributes a prompt names that the evaluator reads in its image
   teacher's autoencoder: student_adherence_full_decoder, fd_ratio_full_decoder, speedup_full_decoder.
 
 Timings: a warm-up call of each pipeline compared, then ``--repeats`` rounds that run each of them once
-in turn (teacher, student, the student at batch 1 and with the teacher's decoder; eager, ONNX fp32 and
-int8), and the medians; interleaved, a drift of the machine's speed stays out of the ratios.
+in turn (teacher, student, the student at batch 1 and with the teacher's decoder), and the medians;
+interleaved, a drift of the machine's speed stays out of the ratios. The ONNX figures take their own
+``--onnx_repeats`` rounds (eager, ONNX fp32 and int8, one-step and three-graph, batch 8 and 1): a
+round is under a second, and this machine's speed swings by up to 2x within seconds.
 ``--threads`` torch threads (2 by default). The teacher comes from
 ``python -m pipelines.training.train_diffusion_teacher`` (its ``<out_dir>/pipeline``), the student from
 ``python -m pipelines.training.distill_dmd2``. ``--card`` merges the figures into the student's card
@@ -127,9 +134,11 @@ def onnx_figures(student_folder: str | Path, prompts: Sequence[str], *, repeats:
                  adherence_prompts: Sequence[str] = (), images_per_prompt: int = 1) -> dict[str, float]:
     """Export the student to a temporary folder and compare ONNX Runtime with eager PyTorch on the
     CPU, at 1 step on the same batch and the same noise: the fp32 graphs (``onnx_*``) and the int8
-    dynamically quantised ones (``onnx_int8_*``). With ``evaluator`` and ``adherence_prompts``, the
-    int8 student's adherence on them too (the fp32 graphs match eager to rounding)."""
-    from pipelines.onnx_export import OnnxPortraitPipeline, export_onnx
+    dynamically quantised ones (``onnx_int8_*``), each as the ONNX pipeline samples (the one-step
+    graph, where the export has one) and through the three graphs (``*_staged_*``, stage by stage),
+    and one image alone (``onnx_latency_*``). With ``evaluator`` and ``adherence_prompts``, the int8
+    student's adherence on them too (the fp32 graphs match eager to rounding)."""
+    from pipelines.onnx_export import ONE_STEP, OnnxPortraitPipeline, export_onnx, read_onnx_config
 
     eager = PortraitDiffusionPipeline.from_pretrained(student_folder, device="cpu", dtype=torch.float32,
                                                       text_encoder_path=text_encoder_path)
@@ -139,18 +148,27 @@ def onnx_figures(student_folder: str | Path, prompts: Sequence[str], *, repeats:
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_onnx(student_folder, Path(tmp) / "onnx", quantize_int8=True,
                              text_encoder_path=text_encoder_path)
+        one_step = ONE_STEP in read_onnx_config(folder)["files"]
 
-        def run(pipe):
-            return lambda: pipe(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents,
-                                generator=torch.Generator().manual_seed(0))
+        def run(pipe, batch: int = len(prompts)):
+            return lambda: pipe(prompt=prompts[:batch], num_inference_steps=1, guidance_scale=1.0,
+                                latents=latents[:batch], generator=torch.Generator().manual_seed(0))
+
+        def load(int8: bool, staged: bool = False) -> OnnxPortraitPipeline:
+            return OnnxPortraitPipeline.from_pretrained(folder, providers=["CPUExecutionProvider"], int8=int8,
+                                                        one_step=not staged, text_encoder_path=text_encoder_path)
 
         common = dict(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="pt")
         a = eager(**common).images                                      # [B, 3, H, W] in [-1, 1]
-        pipes = {prefix: OnnxPortraitPipeline.from_pretrained(folder, providers=["CPUExecutionProvider"], int8=int8,
-                                                              text_encoder_path=text_encoder_path)
-                 for prefix, int8 in (("onnx", False), ("onnx_int8", True))}
-        timed = time_calls({"eager": run(eager), **{prefix: run(pipe) for prefix, pipe in pipes.items()}},
-                           repeats=repeats)
+        pipes = {"onnx": load(False), "onnx_int8": load(True)}
+        # the stage-by-stage figures come from the three graphs
+        staged = {prefix: f"{prefix}_staged" if one_step else prefix for prefix in pipes}
+        if one_step:
+            pipes.update({staged[prefix]: load(prefix == "onnx_int8", staged=True) for prefix in ("onnx", "onnx_int8")})
+        calls = {"eager": run(eager), **{prefix: run(pipe) for prefix, pipe in pipes.items()},
+                 "eager_latency": run(eager, 1), "onnx_latency": run(pipes["onnx"], 1)}
+        timed = time_calls(calls, repeats=repeats)
+        figures["onnx_one_step"] = int(one_step)
         figures["onnx_eager_batch_ms"] = 1000 * timed["eager"]["total"]
         for stage in STAGES:
             figures[f"onnx_eager_{stage}_ms"] = 1000 * timed["eager"][stage]
@@ -159,9 +177,13 @@ def onnx_figures(student_folder: str | Path, prompts: Sequence[str], *, repeats:
             figures.update({f"{prefix}_speedup": timed["eager"]["total"] / timed[prefix]["total"],
                             f"{prefix}_max_abs_diff": float((a - b).abs().max()) / 2,  # in [0, 1] units
                             f"{prefix}_batch_ms": 1000 * timed[prefix]["total"]})
-            for stage in STAGES:          # where the runtime gains: text encoder, UNet, decoder apart
+        for prefix in staged.values():      # where the runtime gains: text encoder, UNet, decoder apart
+            for stage in STAGES:
                 figures[f"{prefix}_{stage}_ms"] = 1000 * timed[prefix][stage]
                 figures[f"{prefix}_{stage}_speedup"] = timed["eager"][stage] / timed[prefix][stage]
+        figures.update(onnx_eager_latency_ms=1000 * timed["eager_latency"]["total"],
+                       onnx_latency_ms=1000 * timed["onnx_latency"]["total"],
+                       onnx_latency_speedup=timed["eager_latency"]["total"] / timed["onnx_latency"]["total"])
         if evaluator is not None and adherence_prompts:
             images = generate(pipes["onnx_int8"], list(adherence_prompts), steps=1, guidance=1.0,
                               images_per_prompt=images_per_prompt)
@@ -226,10 +248,11 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
                 teacher_guidance: Sequence[float] = (4.0,), tolerance: float = 0.0, repeats: int = 5,
                 negative_attribute: str = "glasses=yes", negative_prompt: str | None = None,
                 nasa_scale: float = DEFAULT_NASA_SCALE, nasa_sweep: Sequence[float] = (0.5, 2.0, 3.0),
-                student_folder: str | Path | None = None, skip_onnx: bool = False,
+                student_folder: str | Path | None = None, skip_onnx: bool = False, onnx_repeats: int | None = None,
                 student_steps_sweep: Sequence[int] = (2, 4),
                 text_encoder_path: str | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Every figure of the module docstring for loaded pipelines (``student_folder`` for the ONNX export)."""
+    """Every figure of the module docstring for loaded pipelines (``student_folder`` for the ONNX export;
+    ``onnx_repeats`` rounds for its timings, default ``repeats``)."""
     name, _, value = negative_attribute.partition("=")
     if name not in ATTRIBUTES or value not in ATTRIBUTES[name]:
         raise ValueError(f"negative_attribute must be NAME=VALUE of the world's attributes, "
@@ -305,7 +328,8 @@ def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, im
                                             images_per_prompt=images_per_prompt, fd_teacher=fd_teacher))
         figures["speedup_full_decoder"] = figures["teacher_batch_ms"] / figures["student_full_decoder_batch_ms"]
     if not skip_onnx:
-        figures.update(onnx_figures(student_folder, batch, repeats=repeats, text_encoder_path=text_encoder_path,
+        figures.update(onnx_figures(student_folder, batch, repeats=onnx_repeats or repeats,
+                                    text_encoder_path=text_encoder_path,
                                     evaluator=evaluator, adherence_prompts=texts, images_per_prompt=images_per_prompt))
 
     # negative prompt (NASA)
@@ -347,6 +371,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--nasa_sweep", type=_floats, default=[0.5, 2.0, 3.0],
                    help="further NASA strengths reported as negative_suppression_s{scale} (comma list; '' = none)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up; medians reported")
+    p.add_argument("--onnx_repeats", type=int, default=15,
+                   help="rounds of the ONNX timings (eager and ONNX Runtime, each under a second a round)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--skip_onnx", action="store_true")
     p.add_argument("--student_steps", type=_ints, default=[2, 4],
@@ -354,10 +380,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "(comma list; '' = none)")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.images_per_prompt < 1 or args.fd_images < 2 or args.repeats < 1 \
-            or args.ceiling_images < 1 \
+            or args.onnx_repeats < 1 or args.ceiling_images < 1 \
             or not args.teacher_steps or not args.teacher_guidance or any(k < 1 for k in args.student_steps):
-        p.error("--prompts, --images_per_prompt, --repeats, --ceiling_images >= 1, --fd_images >= 2, non-empty "
-                "teacher sweeps and --student_steps >= 1 are needed")
+        p.error("--prompts, --images_per_prompt, --repeats, --onnx_repeats, --ceiling_images >= 1, --fd_images >= 2, "
+                "non-empty teacher sweeps and --student_steps >= 1 are needed")
     try:
         teacher_path, student_path = check_model(args.teacher, "teacher"), check_model(args.student, "student")
     except FileNotFoundError as exc:
@@ -375,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           tolerance=args.tolerance, repeats=args.repeats,
                           negative_attribute=args.negative_attribute, negative_prompt=args.negative_prompt,
                           nasa_scale=args.nasa_scale, nasa_sweep=args.nasa_sweep, student_folder=student_path,
-                          skip_onnx=args.skip_onnx, student_steps_sweep=args.student_steps,
+                          skip_onnx=args.skip_onnx, onnx_repeats=args.onnx_repeats,
+                          student_steps_sweep=args.student_steps,
                           text_encoder_path=args.text_encoder_path, device=args.device)
     figures["threads"] = args.threads
     write(figures, args.json, "benchmarks.text_to_image", card=student_path if args.card else None)

