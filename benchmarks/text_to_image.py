@@ -25,7 +25,8 @@ the share of the attributes a prompt names that the evaluator reads in its image
   onnx[_int8]_staged_speedup end to end; without a one-step graph, onnx[_int8]_<stage>_*).
   onnx_latency_speedup: the same for one prompt, one image (onnx_latency_ms against
   onnx_eager_latency_ms). These run in their own ``--onnx_repeats`` rounds (``--skip_onnx``
-  leaves them out);
+  leaves them out; ``--onnx_only`` measures them alone, in a few minutes, without the int8
+  student's adherence and without ``--card``);
 - negative_suppression: share of student images showing ``--negative_attribute`` (glasses=yes) when
   the prompt asks for it and the negative prompt names it (NASA, ``negative_mode="nasa"``), divided
   by that share without the negative prompt (the denominator floored at one image, so that the
@@ -245,7 +246,7 @@ def full_decoder_figures(full, evaluator: Evaluator, texts: Sequence[str], capti
 # -- the figures --------------------------------------------------------------------------------
 def figures_for(teacher, student, evaluator: Evaluator, *, prompts: int = 48, images_per_prompt: int = 2,
                 fd_images: int = 256, ceiling_images: int = 512, teacher_steps: Sequence[int] = (10, 25, 50),
-                teacher_guidance: Sequence[float] = (4.0,), tolerance: float = 0.0, repeats: int = 5,
+                teacher_guidance: Sequence[float] = (4.0,), tolerance: float = 0.0, repeats: int = 15,
                 negative_attribute: str = "glasses=yes", negative_prompt: str | None = None,
                 nasa_scale: float = DEFAULT_NASA_SCALE, nasa_sweep: Sequence[float] = (0.5, 2.0, 3.0),
                 student_folder: str | Path | None = None, skip_onnx: bool = False, onnx_repeats: int | None = None,
@@ -370,11 +371,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="NASA strength of the headline negative_suppression (default: the pipeline's)")
     p.add_argument("--nasa_sweep", type=_floats, default=[0.5, 2.0, 3.0],
                    help="further NASA strengths reported as negative_suppression_s{scale} (comma list; '' = none)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up; medians reported")
+    p.add_argument("--repeats", type=int, default=15,
+                   help="rounds of the teacher-student timings after the warm-up (about 2.5 s a round); medians")
     p.add_argument("--onnx_repeats", type=int, default=15,
                    help="rounds of the ONNX timings (eager and ONNX Runtime, each under a second a round)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--skip_onnx", action="store_true")
+    p.add_argument("--onnx_only", action="store_true",
+                   help="only the ONNX timings and parity (the student alone; no --card: the card keeps whole runs)")
     p.add_argument("--student_steps", type=_ints, default=[2, 4],
                    help="more step counts of the student, reported as student_adherence_s{steps} "
                         "(comma list; '' = none)")
@@ -384,11 +388,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             or not args.teacher_steps or not args.teacher_guidance or any(k < 1 for k in args.student_steps):
         p.error("--prompts, --images_per_prompt, --repeats, --onnx_repeats, --ceiling_images >= 1, --fd_images >= 2, "
                 "non-empty teacher sweeps and --student_steps >= 1 are needed")
+    if args.onnx_only and (args.skip_onnx or args.card):
+        p.error("--onnx_only measures the ONNX figures alone: not with --skip_onnx, nor with --card (a card "
+                "takes the figures of a whole run)")
     try:
-        teacher_path, student_path = check_model(args.teacher, "teacher"), check_model(args.student, "student")
+        student_path = check_model(args.student, "student")
+        teacher_path = None if args.onnx_only else check_model(args.teacher, "teacher")
     except FileNotFoundError as exc:
         p.exit(2, f"{p.prog}: {exc}\n")
     torch.set_num_threads(args.threads)
+    if args.onnx_only:
+        texts = [item["prompt"] for item in prompt_set(args.prompts)]
+        figures = onnx_figures(student_path, (texts * TIMING_BATCH)[:TIMING_BATCH], repeats=args.onnx_repeats,
+                               text_encoder_path=args.text_encoder_path)
+        figures["threads"] = args.threads
+        write(figures, args.json, "benchmarks.text_to_image")
+        return figures
 
     teacher = PortraitDiffusionPipeline.from_pretrained(teacher_path, device=args.device,
                                                         text_encoder_path=args.text_encoder_path)

@@ -89,6 +89,21 @@ def test_main_gives_every_figure_finite(folders, tmp_path):
     assert torch.get_num_threads() == 1
 
 
+def test_onnx_only_measures_the_onnx_figures_of_the_student_alone(folders, tmp_path, capsys):
+    out = tmp_path / "onnx.json"
+    # no teacher is needed: a missing one is not looked at
+    figures = bench.main(["--teacher", str(tmp_path / "nope"), "--student", str(folders / "student"), "--onnx_only",
+                          "--onnx_repeats", "1", "--threads", "1", "--json", str(out)])
+    assert figures["onnx_one_step"] == 1 and figures["onnx_max_abs_diff"] < 1e-3
+    assert figures["onnx_speedup"] > 0 and figures["onnx_latency_speedup"] > 0
+    assert not any(k.startswith(("teacher_", "student_", "fd_")) for k in figures)
+    assert json.loads(out.read_text())["figures"]["onnx_speedup"] == figures["onnx_speedup"]
+    for extra in ("--card", "--skip_onnx"):       # a card takes whole runs; skipping the only figures is a mistake
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--student", str(folders / "student"), "--onnx_only", extra])
+        assert exc.value.code == 2 and "--onnx_only" in capsys.readouterr().err
+
+
 def test_time_calls_interleaves_the_calls_and_reports_medians(monkeypatch):
     from types import SimpleNamespace
 
