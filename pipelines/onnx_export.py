@@ -325,7 +325,8 @@ def export_onnx(pipeline_folder: str | os.PathLike[str], out_dir: str | os.PathL
                      f"{type(pipe.vae).__name__} decoder"
                      + (", and the three in one one-step graph" if update is not None else "")
                      + f"; latents {c}x{h}x{w}; {config['prediction_type']} prediction"
-                     + ("; int8 dynamic quantisation of the text encoder and UNet" if quantize_int8 else ""),
+                     + (f"; int8 dynamic quantisation of the text encoder and UNet"
+                        f"{' and of the one-step graph' if update is not None else ''}" if quantize_int8 else ""),
         source=f"ONNX export of the PortraitDiffusionPipeline at {pipeline_folder}",
         command=command or f"python -m pipelines.onnx_export --pipeline {shlex.quote(str(pipeline_folder))} "
                            f"--out {shlex.quote(str(out_dir))}" + ("" if quantize_int8 else " --no-int8")
